@@ -1,0 +1,77 @@
+"""The `thrifty` command. Each subcommand is a thin shell over a library call; errors are one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from thrifty.errors import ThriftyError
+
+
+def _models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="the offline model zoo: list, pull, path")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="known models, whether they are present, and their sizes")
+    pull = msub.add_parser("pull", help="install and assemble models into $THRIFTY_HOME")
+    pull.add_argument("names", nargs="+")
+    pull.add_argument("--force", action="store_true", help="assemble again even when present")
+    path = msub.add_parser("path", help="print a model's local path (pulling it when missing)")
+    path.add_argument("name")
+
+
+def _run_models(args: argparse.Namespace) -> None:
+    from thrifty.models import zoo
+
+    if args.models_command == "list":
+        print(zoo.format_table(zoo.list_models()))
+    elif args.models_command == "pull":
+        for name in args.names:
+            print(zoo.pull(name, force=args.force))
+    else:
+        print(zoo.resolve(args.name))
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete one prompt")
+    p.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from thrifty.generate import generate_cli
+
+    generate_cli(args)
+
+
+COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thrifty", description="LLM serving at the lowest cost per token.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except ThriftyError as e:
+        print(f"thrifty: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thrifty: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

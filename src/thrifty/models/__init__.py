@@ -1,0 +1,1 @@
+"""Weights -> torch modules: the model zoo, file formats, tokenizers and architectures."""
