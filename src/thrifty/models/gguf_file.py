@@ -211,3 +211,42 @@ class GGUFFile:
 
     def close(self) -> None:
         self._map.close()
+
+
+# ---- GGUF tensor names -> Hugging Face names ---------------------------------------------------------
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.bias' -> 'model.layers.3.self_attn.q_proj.bias'; None for tensors models do not use."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves the rotary halves of Llama q/k rows; undo it (Qwen2 files are not permuted)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file, dequantized to float32, under its Hugging Face name."""
+    for name in gguf.tensors:
+        target = hf_name(name)
+        if target is None:
+            continue
+        tensor = gguf.dequantized(name)
+        if config.architecture == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            tensor = _unpermute_rope(tensor, config.num_heads)
+        elif config.architecture == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            tensor = _unpermute_rope(tensor, config.num_kv_heads)
+        yield target, tensor

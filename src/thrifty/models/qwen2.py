@@ -1,0 +1,136 @@
+"""The Qwen2 / Llama family: RMSNorm, RoPE, grouped-query attention, SwiGLU, optional qkv bias, tied or untied head.
+
+The forward takes a flat batch of tokens with their positions and the step's attention metadata (slots of
+a paged KV cache), so one call serves any mix of prefill chunks and decodes. Weights arrive under Hugging
+Face names; `load_weights` maps them onto the fused qkv and gate|up projections.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from thrifty.engine.attention import AttentionMetadata, paged_attention
+from thrifty.models.config import ModelConfig
+from thrifty.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q, "k": kv, "v": kv}, bias=config.attention_bias)
+        self.o_proj = Linear(q, config.hidden_size)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = apply_rotary(q.reshape(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, meta, self.layer, self.scale)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Also serves plain Llama-family checkpoints (no qkv bias)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] for every token of the flat batch."""
+        return self.model(input_ids, positions, meta)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits for the rows asked for (the runner passes only the positions it samples)."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in; every parameter must be filled exactly once."""
+        params = dict(self.named_parameters())
+        if self.config.tie_word_embeddings:
+            params.pop("lm_head.weight")
+        filled: set[str] = set()
+        for name, tensor in weights:
+            target, shard = _fused_name(name)
+            if target not in params:
+                if "rotary_emb" in name:
+                    continue
+                raise KeyError(f"unexpected weight {name}")
+            if shard is None:
+                params[target].data.copy_(tensor)
+                filled.add(target)
+            else:
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                module.load_shard(shard, target.rsplit(".", 1)[1], tensor)
+                filled.add(f"{target}:{shard}")
+        self._check_filled(params, filled)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
+        missing = []
+        for name in params:
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, MergedLinear):
+                missing += [f"{name}:{s}" for s in module.offsets if f"{name}:{s}" not in filled]
+            elif name not in filled:
+                missing.append(name)
+        if missing:
+            raise KeyError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+
+
+_FUSED = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+_SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
+
+def _fused_name(name: str) -> tuple[str, str | None]:
+    """'model.layers.0.self_attn.k_proj.bias' -> ('model.layers.0.self_attn.qkv_proj.bias', 'k')."""
+    m = _FUSED.match(name)
+    if not m:
+        return name, None
+    fused, shard = _SHARDS[m.group(2)]
+    return f"{m.group(1)}.{fused}.{m.group(3)}", shard
