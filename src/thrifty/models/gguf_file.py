@@ -7,6 +7,7 @@ Every read is bounds-checked, so a truncated or corrupt file fails with a ModelF
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -123,11 +124,13 @@ class GGUFFile:
             key = cur.string()
             self.metadata[key] = cur.value(cur.take("I"))
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise _corrupt(self.path, f"general.alignment is {alignment!r}, not a power of two")
         data_start = -(-cur.pos // alignment) * alignment
         for name, shape, qtype, rel in infos:
             block, type_size = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(shape))
+            n = math.prod(shape)  # exact: np.prod wraps around on corrupt huge dimensions
             if n % block:
                 raise _corrupt(self.path, f"tensor {name} has {n} values, not a multiple of {block}")
             info = TensorInfo(name, shape, qtype, data_start + rel, n // block * type_size)
