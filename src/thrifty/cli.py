@@ -44,9 +44,24 @@ def _generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from thrifty.generate import generate_cli
+    from thrifty.engine.engine import LLMEngine
+    from thrifty.engine.sampling import SamplingParams
 
-    generate_cli(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt = engine.tokenizer.encode(rendered, add_special_tokens=False)
+    engine.add_request(prompt, params)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    while engine.has_unfinished():  # stream the text as it comes
+        for out in engine.step():
+            print(out.delta_text, end="", flush=True)
+    print()
 
 
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate)}

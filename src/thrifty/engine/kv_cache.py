@@ -33,9 +33,10 @@ class KVCacheSpec:
         return self.num_blocks * self.block_size
 
     @classmethod
-    def from_budget(cls, config: ModelConfig, memory_gib: float, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    def from_budget(cls, config: ModelConfig, memory_gib: float, block_size: int, dtype: torch.dtype,
+                    num_blocks: int | None = None) -> KVCacheSpec:
         per_block = block_bytes(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype)
-        num_blocks = int(memory_gib * GIB) // per_block
+        num_blocks = num_blocks if num_blocks is not None else int(memory_gib * GIB) // per_block
         if num_blocks < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory={memory_gib} GiB holds no {block_size}-token block ({per_block} bytes each)",

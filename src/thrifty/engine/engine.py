@@ -1,0 +1,225 @@
+"""LLMEngine: add_request / step / abort. One step = schedule -> run -> postprocess (detokenize, stop, finish)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
+from thrifty.engine.runner import ModelRunner, StepInput
+from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
+from thrifty.engine.scheduler import Scheduler, SchedulerConfig
+from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
+from thrifty.errors import InvalidRequestError
+from thrifty.models.loader import LoadedModel, load
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    dtype: str = "auto"
+    device: str | None = None
+    kv_cache_memory: float = 1.0            # GiB for the KV cache
+    num_kv_blocks: int | None = None        # exact block count, overrides kv_cache_memory (tests, benchmarks)
+    kv_cache_dtype: str = "auto"            # auto = the model's dtype
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    scheduler_policy: str = "continuous"
+    max_model_len: int | None = None        # default: the model's context, capped by the KV cache
+    num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.scheduler_policy)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    time_per_output_token_s: float | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str                   # the output so far that is safe to show (stop-string candidates held back)
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None
+    logprobs: list[Logprob]
+    usage: Usage
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    tokens_computed: int = 0                 # prompt + decode tokens the model ran
+    prompt_tokens_computed: int = 0
+    preemptions: int = 0
+    kv_slots_allocated: int = 0              # summed over steps: for the kv_waste ratio
+    kv_slots_used: int = 0
+    kv_seq_steps: int = 0                    # running sequences summed over steps
+
+    @property
+    def kv_waste(self) -> float:
+        return 1.0 - self.kv_slots_used / self.kv_slots_allocated if self.kv_slots_allocated else 0.0
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config, self.loaded = config, loaded
+        self.tokenizer = loaded.tokenizer
+        kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _kv_dtype(config.kv_cache_dtype)
+        spec = KVCacheSpec.from_budget(loaded.config, config.kv_cache_memory, config.block_size, kv_dtype,
+                                       config.num_kv_blocks)
+        self.kv_cache = PagedKVCache(spec, loaded.device)
+        self.block_manager = BlockManager(spec.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device)
+        context = config.max_model_len or loaded.config.max_position_embeddings
+        self.max_model_len = min(context, spec.num_slots)
+        self.stats = EngineStats()
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, model: str, **options) -> LLMEngine:
+        config = EngineConfig(**options)
+        return cls(load(model, config.dtype, config.device), config)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or InvalidRequestError; touches no state."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", "", param="params")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "send at least one token", param="prompt")
+        vocab = self.loaded.config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's context holds {self.max_model_len} "
+                f"(prompt plus at least one output token)", "shorten the prompt", param="prompt")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, extra_key: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.validate(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "", param="request_id")
+        seq = Sequence(request_id, prompt if isinstance(prompt, str) else None, ids, params, extra_key=extra_key,
+                       generator=make_generator(params.seed, self.loaded.device))
+        seq.detokenizer = self.tokenizer.incremental_detokenizer(ids, params.skip_special_tokens)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        self._requests.pop(request_id, None)
+        if seq is not None:
+            seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ABORT
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self.stats.preemptions += len(plan.preempted)
+        if not plan.num_tokens:
+            return []
+        batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
+                 for rid, n in plan.num_tokens.items()]
+        sampled, samples = self.runner.execute(batch)
+        for item in batch:
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats.prompt_tokens_computed += min(item.num_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_tokens
+            self.block_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        self._account(plan.total_tokens)
+        outputs = self._postprocess(sampled, samples) if samples is not None else []
+        return outputs
+
+    def _account(self, tokens: int) -> None:
+        s = self.stats
+        s.steps += 1
+        s.tokens_computed += tokens
+        bs = self.block_manager.block_size
+        for seq in self.scheduler.running:
+            allocated = len(self.block_manager.block_table(seq.request_id)) * bs
+            s.kv_slots_allocated += allocated
+            s.kv_slots_used += min(seq.num_computed_tokens, allocated)
+            s.kv_seq_steps += 1
+
+    def _postprocess(self, seqs: list[Sequence], samples: SamplerOutput) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for i, seq in enumerate(seqs):
+            token = samples.token_ids[i]
+            seq.output_token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            if samples.logprobs[i] is not None:
+                seq.logprobs.append(Logprob(token, samples.logprobs[i], samples.top_logprobs[i]))
+            old_text = seq.text
+            seq.text += seq.detokenizer.add(token)
+            self._check_stop(seq, token, old_text)
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self._requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, token))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int, old_text: str) -> None:
+        p = seq.params
+        n = len(seq.output_token_ids)
+        if n >= p.min_tokens and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
+            seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, FinishReason.STOP, token
+            return
+        hit = seq.stop_checker.check(old_text, seq.text[len(old_text):])
+        if hit.finished and n >= p.min_tokens:
+            seq.text = hit.text
+            seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, FinishReason.STOP, hit.stop
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.status, seq.finish_reason = Status.FINISHED, FinishReason.LENGTH
+
+    def _output(self, seq: Sequence, token: int) -> RequestOutput:
+        visible = len(seq.text) if seq.finished else seq.stop_checker.streamable(seq.text)
+        visible = max(visible, seq.num_streamed_chars)
+        delta = seq.text[seq.num_streamed_chars:visible]
+        seq.num_streamed_chars = visible
+        usage = Usage(seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
+                      seq.time_to_first_token(), seq.time_per_output_token())
+        return RequestOutput(
+            seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
+            delta, [token], seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
+            list(seq.logprobs), usage)
+
+
+def _kv_dtype(name: str) -> torch.dtype:
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    if name not in dtypes:
+        raise InvalidRequestError(f"unknown kv_cache_dtype '{name}'", f"use auto or one of {', '.join(dtypes)}",
+                                  param="kv_cache_dtype")
+    return dtypes[name]

@@ -1,0 +1,165 @@
+"""Who runs this step, and how many tokens each: the policy. Bookkeeping is the block manager's, compute the runner's.
+
+The output is a plain map {request_id: num_tokens}: a prefill chunk, a decode step (1) and later
+speculative tokens are all the same kind of thing. Three policies:
+- continuous: requests join and leave every step; running requests first (decodes are never starved by
+  prefills), then waiting ones fill the token budget; long prompts are prefilled in chunks.
+- static: wait for a full batch (max_num_seqs) or a timeout, run that batch to the end, then the next.
+- bucketed: static batches of prompts of similar length (cuts padding in padded engines).
+When blocks run out, the most recently admitted request is preempted by recompute: its blocks are freed,
+and it goes back to the head of the queue (its prefix blocks often still hit the cache when it returns).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.sequence import Sequence, Status
+from thrifty.errors import InvalidRequestError
+
+POLICIES = ("continuous", "static", "bucketed")
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    policy: str = "continuous"
+    batch_timeout_s: float = 0.1        # static/bucketed: launch a partial batch after this wait
+    bucket_width: int = 64              # bucketed: prompt lengths grouped in buckets this wide
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidRequestError(f"unknown scheduler_policy '{self.policy}'", f"use one of {', '.join(POLICIES)}",
+                                      param="scheduler_policy")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1", "raise them",
+                                      param="max_num_seqs")
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens.values())
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- queue -------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.blocks.free(request_id)
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- policy ------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        if self.config.policy != "continuous" and not self.running:
+            self._launch_batch()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if self.config.policy == "continuous" and not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        queue, kept = list(self.running), []
+        while queue:
+            seq = queue.pop(0)
+            if budget == 0:
+                kept.append(seq)
+                continue
+            n = self._allocate(seq, budget)
+            while n is None and queue:          # out of blocks: preempt the newest admitted request
+                self._preempt(queue.pop(), out)
+                n = self._allocate(seq, budget)
+            if n is None:
+                self._preempt(seq, out)
+                continue
+            out.num_tokens[seq.request_id] = n
+            budget -= n
+            kept.append(seq)
+        self.running = kept
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._allocate(seq, budget)
+            if n is None:
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.num_tokens[seq.request_id] = n
+            budget -= n
+
+    def _launch_batch(self) -> None:
+        """static / bucketed: move the next batch to running once it is full or its oldest request waited enough."""
+        if not self.waiting:
+            return
+        size = self.config.max_num_seqs
+        candidates = list(self.waiting)
+        if self.config.policy == "bucketed":
+            bucket = self._bucket(candidates[0])
+            candidates = [s for s in candidates if self._bucket(s) == bucket]
+        waited = time.monotonic() - self.waiting[0].arrival_time
+        if len(candidates) < size and waited < self.config.batch_timeout_s:
+            return
+        for seq in candidates[:size]:
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _bucket(self, seq: Sequence) -> int:
+        return seq.num_prompt_tokens // self.config.bucket_width
+
+    # ---- mechanism ---------------------------------------------------------------------------------
+    def _allocate(self, seq: Sequence, budget: int) -> int | None:
+        """Take blocks for this step's tokens of `seq`; the number of tokens, or None when blocks ran out."""
+        first = not self.blocks.has_request(seq.request_id)
+        base = self.blocks.get_prefix_hits(seq.token_ids, seq.extra_key) if first else seq.num_computed_tokens
+        n = min(seq.num_tokens - base, budget)
+        hits = self.blocks.allocate(seq.request_id, seq.token_ids, n, seq.extra_key)
+        if hits is None:
+            return None
+        if first:
+            seq.num_computed_tokens = hits
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hits
+        return n
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free(seq.request_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq.request_id)
+        out.num_tokens.pop(seq.request_id, None)
