@@ -139,6 +139,10 @@ class LLMEngine:
             seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ABORT
         return seq is not None
 
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
