@@ -216,7 +216,7 @@ def test_incremental_detokenizer_window_stays_small(tok: Tokenizer) -> None:
 def test_incremental_detokenizer_with_prompt_context(tok: Tokenizer) -> None:
     prompt = tok.encode("Say hi:")
     answer = tok.encode(" hello 😀 there")
-    detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
+    detok = tok.incremental_detokenizer(prompt, skip_special_tokens=True)
     text = detok.add_many(answer) + detok.flush()
     assert text == " hello 😀 there"
     assert detok.output_ids == answer

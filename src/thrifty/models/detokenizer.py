@@ -9,9 +9,10 @@ is emitted; the window then grows until it completes. `flush()` gives out whatev
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from thrifty.models.tokenizer import Tokenizer
+if TYPE_CHECKING:
+    from thrifty.models.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5  # prompt tokens kept as left context for the first generated tokens

@@ -25,7 +25,7 @@ import logging
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import tokenizers
@@ -33,6 +33,9 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from thrifty.errors import InvalidRequestError, ModelFileError, UnsupportedModelError
 from thrifty.paths import atomic_write, home
+
+if TYPE_CHECKING:
+    from thrifty.models.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +426,13 @@ class Tokenizer:
             bad = next(i for i in ids if not 0 <= i < self._vocab_size)
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def incremental_detokenizer(self, prompt_ids: Iterable[int] = (),
+                                skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        """A streaming detokenizer for the tokens generated after `prompt_ids` (its last few are context)."""
+        from thrifty.models.detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
 
     # ----- chat
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
