@@ -189,6 +189,8 @@ class LLMEngine:
             old_text = seq.text
             seq.text += seq.detokenizer.add(token)
             self._check_stop(seq, token, old_text)
+            if seq.finished and not isinstance(seq.stop_reason, str):
+                seq.text += seq.detokenizer.flush()  # a trailing partial character, as decode() shows it
             if seq.finished:
                 self.scheduler.finish(seq)
                 self._requests.pop(seq.request_id, None)
