@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.thrifty-installed
-MODELS ?= qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
+MODELS ?= qwen2.5-coder-0.5b-instruct gemma-3-270m all-minilm-l6-v2
 
 .PHONY: install test test-fast serve clean
 
