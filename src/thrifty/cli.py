@@ -64,7 +64,33 @@ def _run_generate(args: argparse.Namespace) -> None:
     print()
 
 
-COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate)}
+def _serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    p.add_argument("--config", help="YAML config file (model, engine, server sections)")
+    p.add_argument("--model", help="zoo name, .gguf file or Hugging Face folder (default: the config's, "
+                                   "else qwen2.5-coder-0.5b-instruct)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
+                                     "named by server.api_key_env; unset: no auth)")
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from thrifty.config import load_config
+    from thrifty.server.run import serve
+
+    config = load_config(args.config)
+    if args.model:
+        config.model = args.model
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    serve(config, args.api_key or config.server.api_key())
+
+
+COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
+            "serve": (_serve, _run_serve)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,207 @@
+"""The FastAPI app: OpenAI routes, health, metrics; a guard middleware for API keys, body size and counting."""
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from thrifty.config import ServerSettings
+from thrifty.engine.async_engine import AsyncEngine
+from thrifty.errors import ThriftyError
+from thrifty.server import schemas as s
+from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response, validation_error
+from thrifty.server.metrics import CONTENT_TYPE
+from thrifty.server.serving import EngineClient, Prepared
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": s.ErrorResponse, "description": text} for code, text in (
+        (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+        (413, "Request body too large"), (429, "Too many waiting requests"), (500, "Server error"),
+        (503, "Shutting down"))}
+_STREAM_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+               "description": "JSON, or server-sent events when stream is true"}
+_PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+class _Guard:
+    """Pure ASGI middleware: API key (401), body-size limit (413), request counting by status."""
+
+    def __init__(self, app: ASGIApp, client: EngineClient, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.client, self.api_key, self.max_body = app, client, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in _ROUTES else "other"
+        status_box = [500]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self._authorize(scope, path)
+            if error is None:
+                receive, error = await self._read_body(scope, receive)
+            if error is not None:
+                await error_response(error)(scope, receive, counting_send)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.client.metrics.requests.labels(endpoint, str(status_box[0])).inc()
+
+    def _authorize(self, scope: Scope, path: str) -> Exception | None:
+        if self.api_key is None or path in _PUBLIC_PATHS:
+            return None
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            return AuthenticationError("no API key given", "send the header 'Authorization: Bearer <key>'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return AuthenticationError("the API key is not valid", "check the key the server was started with")
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Exception | None]:
+        """Buffer the body (at most max_body bytes) and replay it; 413 beyond the limit."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive, None
+        too_large = PayloadTooLargeError(f"the request body is larger than this server's limit of {self.max_body} "
+                                         "bytes", "send a smaller request")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                return receive, too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, None  # the client left; the app will see the disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return receive, too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
+
+
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class _Stream(StreamingResponse):
+    """An SSE response that releases its request's admission ticket however the stream ends."""
+
+    def __init__(self, content, client: EngineClient, prepared: Prepared) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.client, self.prepared = client, prepared
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.client.release(self.prepared)
+
+
+def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | None = None,
+               api_key: str | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+    """The OpenAI-compatible app for one engine. `api_key` None: no authentication."""
+    settings = settings or ServerSettings()
+    client = EngineClient(engine, model_name, settings, aliases)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        client.draining = True
+        await engine.shutdown()
+
+    app = FastAPI(title="thrifty", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM server (completions, chat completions, models).")
+    app.state.client = client
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        where = f"{request.method} {request.url.path}"
+        detail = {404: f"no such route: {where}; see /docs for the API",
+                  405: f"method not allowed: {where}"}.get(exc.status_code, exc.detail)
+        return error_response(StarletteHTTPException(exc.status_code, detail, exc.headers))
+
+    @app.exception_handler(ThriftyError)
+    async def _on_thrifty(request: Request, exc: ThriftyError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _on_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    async def run(prepared: Prepared, request: Request, chat: bool) -> Response:
+        if prepared.stream:
+            return _Stream(client.stream(prepared, chat), client, prepared)
+        try:
+            result = await (client.chat if chat else client.complete)(prepared, request.is_disconnected)
+        finally:
+            client.release(prepared)
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.post("/v1/completions", response_model=s.CompletionResponse,
+              responses={200: _STREAM_DOC, **_ERRORS})
+    async def completions(body: s.CompletionRequest, request: Request) -> Response:
+        return await run(client.prepare_completion(body), request, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse,
+              responses={200: _STREAM_DOC, **_ERRORS})
+    async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Response:
+        return await run(client.prepare_chat(body), request, chat=True)
+
+    @app.get("/v1/models", response_model=s.ModelList, responses={401: _ERRORS[401]})
+    async def models() -> s.ModelList:
+        return s.ModelList(data=[s.ModelCard(id=client.model_name, created=client.created,
+                                             max_model_len=client.max_model_len)])
+
+    @app.get("/health", response_model=s.Health)
+    async def health() -> Response:
+        if client.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics() -> Response:
+        return Response(client.metrics.render(), media_type=CONTENT_TYPE)
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = base_openapi()  # cached by FastAPI; the served model names are documented as the only ones
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = schema["components"]["schemas"][name]["properties"]
+            props["model"] = {"type": "string", "title": "Model", "enum": sorted(client.accepted_names)}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(_Guard, client=client, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    return app

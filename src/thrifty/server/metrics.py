@@ -1,0 +1,83 @@
+"""Prometheus metrics of one server: counters and histograms it records, gauges read from the engine.
+
+Each app has its own registry (no module-level state), served as text at GET /metrics.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from thrifty.engine.engine import RequestOutput
+    from thrifty.server.serving import EngineClient
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineCollector(Collector):
+    """Gauges that are read from the engine at scrape time (running / waiting, KV blocks, prefix cache)."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator:
+        engine = self.client.engine.engine
+        bm = engine.block_manager
+        running = len(engine.scheduler.running)
+        yield GaugeMetricFamily("thrifty_num_requests_running", "Sequences in the running batch", running)
+        yield GaugeMetricFamily("thrifty_num_requests_waiting", "Requests accepted but not yet running",
+                                self.client.num_waiting())
+        free = bm.num_free_blocks
+        yield GaugeMetricFamily("thrifty_kv_blocks_total", "KV cache blocks", bm.num_blocks)
+        yield GaugeMetricFamily("thrifty_kv_blocks_free", "KV cache blocks free (cached-but-unreferenced included)",
+                                free)
+        yield GaugeMetricFamily("thrifty_kv_blocks_used", "KV cache blocks held by requests", bm.num_blocks - free)
+        stats = bm.stats
+        yield GaugeMetricFamily("thrifty_prefix_cache_hit_rate", "Prefix-cache hit tokens / query tokens",
+                                stats.hit_rate)
+        yield CounterMetricFamily("thrifty_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  stats.queries)
+        yield CounterMetricFamily("thrifty_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  stats.hits)
+
+
+class ServerMetrics:
+    def __init__(self, client: EngineClient) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("thrifty_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.aborted = Counter("thrifty_requests_aborted", "Generation requests aborted (client disconnected)",
+                               registry=r)
+        self.rejected = Counter("thrifty_requests_rejected", "Requests rejected by a server limit",
+                                ["reason"], registry=r)
+        self.prompt_tokens = Counter("thrifty_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("thrifty_cached_prompt_tokens",
+                                     "Prompt tokens served from the prefix cache", registry=r)
+        self.completion_tokens = Counter("thrifty_completion_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("thrifty_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("thrifty_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=r, buckets=_TPOT_BUCKETS)
+        self.e2e = Histogram("thrifty_request_duration_seconds", "Generation request latency, end to end",
+                             registry=r, buckets=_LATENCY_BUCKETS)
+        r.register(_EngineCollector(client))
+
+    def observe_finished(self, out: RequestOutput, duration_s: float) -> None:
+        u = out.usage
+        self.prompt_tokens.inc(u.prompt_tokens)
+        self.cached_tokens.inc(u.cached_tokens)
+        self.completion_tokens.inc(u.completion_tokens)
+        if u.time_to_first_token_s is not None:
+            self.ttft.observe(u.time_to_first_token_s)
+        if u.time_per_output_token_s is not None:
+            self.tpot.observe(u.time_per_output_token_s)
+        self.e2e.observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
