@@ -43,7 +43,7 @@ def _hist(n: int, v: int = V, seed: int = 1) -> list[TokenHistory]:
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")),
     ("top_k", -2), ("top_k", 2.5),
     ("min_p", -0.1), ("min_p", 1.1),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", 5e-324),
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1),
     ("logprobs", -1), ("logprobs", 21),
     ("stop", 5), ("stop", ["ok", 3]), ("stop", ""), ("stop", ["a", ""]),

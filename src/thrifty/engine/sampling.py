@@ -96,8 +96,9 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise _bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
                        "ask for at most 20 top logprobs, or none")
-        if not _is_real(self.repetition_penalty) or not (0.0 < self.repetition_penalty < math.inf):
-            raise _bad("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}",
+        # Bounded so that logits / penalty stays finite in float32 (a subnormal penalty divides by zero).
+        if not _is_real(self.repetition_penalty) or not (0.01 <= self.repetition_penalty <= 100.0):
+            raise _bad("repetition_penalty", f"must be in [0.01, 100], got {self.repetition_penalty!r}",
                        "use 1.0 to turn it off")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
