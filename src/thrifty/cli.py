@@ -89,8 +89,20 @@ def _run_serve(args: argparse.Namespace) -> None:
     serve(config, args.api_key or config.server.api_key())
 
 
+def _bench(sub: argparse._SubParsersAction) -> None:
+    from thrifty.bench.command import add_parser
+
+    add_parser(sub)
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from thrifty.bench.command import run
+
+    run(args)
+
+
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
-            "serve": (_serve, _run_serve)}
+            "serve": (_serve, _run_serve), "bench": (_bench, _run_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:

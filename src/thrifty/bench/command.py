@@ -1,0 +1,111 @@
+"""The `thrifty bench` subcommand: argument parsing and the run (tables to stdout, progress to stderr)."""
+from __future__ import annotations
+
+import argparse
+
+from thrifty.errors import InvalidRequestError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _range(text: str) -> tuple[int, int]:
+    from thrifty.bench.workload import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for thrifty's KV cache (default 1)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up steps")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: throughput (policies, peers), prefix caching")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+
+    t = bsub.add_parser("throughput", help="aggregate output tokens/s, TTFT, TPOT, KV waste over concurrency",
+                        description="Closed loop: at concurrency C at most C requests are in flight and the next "
+                                    "starts when one finishes, over --requests requests (default 2 C).")
+    _common(t)
+    t.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="e.g. 1,8,32")
+    t.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens per request")
+    t.add_argument("--output-len", type=int, default=128, help="new tokens per request (EOS ignored)")
+    t.add_argument("--output-len-range", type=_range, default=None, metavar="LO:HI",
+                   help="mixed output lengths drawn uniformly from LO..HI (seeded); overrides --output-len")
+    t.add_argument("--policies", type=_name_list, default=["continuous"],
+                   help="thrifty scheduler policies: continuous,static,bucketed")
+    t.add_argument("--peers", type=_name_list, default=[], help="hf,llamacpp")
+    t.add_argument("--requests", type=int, default=None,
+                   help="requests per concurrency level (default 2 x concurrency, at least the concurrency)")
+    t.add_argument("--max-model-len", type=int, default=None,
+                   help="thrifty's context limit (default: the model's, capped by the KV cache); also the "
+                        "per-request reservation behind kv_waste_contiguous")
+    t.add_argument("--hf-requests", type=int, default=4,
+                   help="requests the transformers peer times; more are extrapolated from them (default 4)")
+    t.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+    x = bsub.add_parser("prefix", help="TTFT and prompt tokens computed with and without prefix caching")
+    _common(x)
+    x.add_argument("--shared-prefix", type=int, default=2048, help="tokens every request shares")
+    x.add_argument("--suffix", type=int, default=64, help="distinct tokens after the prefix")
+    x.add_argument("--requests", type=int, default=16)
+    x.add_argument("--output-len", type=int, default=8)
+
+
+def run(args: argparse.Namespace) -> None:
+    from thrifty.bench import report as rep
+
+    if args.bench_command == "throughput":
+        from thrifty.bench.throughput import ThroughputConfig, format_report, run_throughput
+
+        cfg = ThroughputConfig(
+            model=args.model, concurrency=args.concurrency, prompt_len=args.prompt_len, output_len=args.output_len,
+            output_len_range=args.output_len_range, policies=args.policies, peers=args.peers,
+            requests=args.requests, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+            block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len, threads=args.threads, hf_requests=args.hf_requests,
+            hf_dtype=args.hf_dtype, warmup=args.warmup, progress=args.progress)
+        report = run_throughput(cfg)
+        print(format_report(report))
+        plot = rep.plot_throughput
+    elif args.bench_command == "prefix":
+        from thrifty.bench.prefix import PrefixConfig, format_report, run_prefix
+
+        cfg = PrefixConfig(
+            model=args.model, shared_prefix=args.shared_prefix, suffix=args.suffix, requests=args.requests,
+            output_len=args.output_len, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+            block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads,
+            warmup=args.warmup, progress=args.progress)
+        report = run_prefix(cfg)
+        print(format_report(report))
+        plot = rep.plot_prefix
+    else:  # pragma: no cover (argparse requires one)
+        raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
+    if args.json:
+        print(f"\nwrote {rep.write_json(args.json, report)}")
+    if args.plot:
+        print(f"wrote {plot(report, args.plot)}")

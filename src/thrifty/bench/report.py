@@ -1,0 +1,106 @@
+"""Report output: markdown tables, the JSON file, PNG plots (matplotlib, Agg backend, imported only for --plot)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from thrifty.errors import ThriftyError
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** -(digits - 1):
+            return f"{value:.{digits}g}"
+        return f"{value:,.{digits}f}" if abs(value) < 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, report: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ThriftyError("--plot needs matplotlib", "pip install 'matplotlib==3.11.2'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(report: dict, path: str | Path) -> Path:
+    """Output tokens/s and TTFT p50 against concurrency, one line per engine and policy."""
+    plt = _pyplot()
+    series: dict[str, list[dict]] = {}
+    for r in report["results"]:
+        series.setdefault(f"{r['engine']} ({r['policy']})", []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rows]
+        ax1.plot(xs, [r["output_tokens_per_s"] for r in rows], marker="o", label=label)
+        ax2.plot(xs, [r["ttft_p50_s"] for r in rows], marker="o", label=label)
+    for ax, title, ylabel in ((ax1, "aggregate output throughput", "output tokens/s"),
+                              (ax2, "time to first token (p50)", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=8)
+    c = report["config"]
+    out_len = "{}-{}".format(*c["output_len_range"]) if c.get("output_len_range") else c["output_len"]
+    concurrencies = sorted({r["concurrency"] for r in report["results"]})
+    for ax in (ax1, ax2):
+        ax.set_xticks(concurrencies, [str(x) for x in concurrencies])
+        ax.minorticks_off()
+    fig.suptitle(f"{report['model']['name']}: prompt {c['prompt_len']}, output {out_len}; "
+                 f"{report['hardware']['cpu']}, {report['hardware']['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_prefix(report: dict, path: str | Path) -> Path:
+    """TTFT of each request in order, with and without prefix caching."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in report["results"]:
+        ttfts = [q["ttft_s"] for q in r["requests"]]
+        ax.plot(range(1, len(ttfts) + 1), ttfts, marker="o",
+                label="prefix caching" if r["prefix_caching"] else "no prefix caching")
+    ax.set_xlabel("request (sent one after another)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    c = report["config"]
+    ax.set_title(f"{report['model']['name']}: shared prefix {c['shared_prefix']} + suffix {c['suffix']}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
