@@ -41,6 +41,8 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--weights", default="auto",
+                   help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -50,7 +52,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     print(f"loading {args.model} ...", file=sys.stderr)
-    engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1)
+    engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
+                                   weights=args.weights)
     prompt: str | list[int] = args.prompt
     if args.chat:
         rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

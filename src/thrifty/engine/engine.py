@@ -31,6 +31,7 @@ class EngineConfig:
     scheduler_policy: str = "continuous"
     max_model_len: int | None = None        # default: the model's context, capped by the KV cache
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
+    weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.scheduler_policy)
@@ -99,7 +100,7 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str, **options) -> LLMEngine:
         config = EngineConfig(**options)
-        return cls(load(model, config.dtype, config.device), config)
+        return cls(load(model, config.dtype, config.device, weights=config.weights), config)
 
     # ---- requests ----------------------------------------------------------------------------------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

@@ -50,16 +50,89 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Module):
-    """y = x W^T + b. The one place weight formats plug in (quantized formats replace `weight`)."""
+    """y = x W^T + b. The one place weight formats plug in.
+
+    Dense formats (bf16, fp32) keep `weight`. A quantized format replaces it with `qweight`, a packed module
+    from thrifty.quant.kernels whose forward(x, bias) runs the format's kernel. Loading a quantized
+    checkpoint goes: `expect_quantized()` on the meta model (no dense weight is ever allocated), `stage()`
+    each shard as it streams in (a QTensor), then `finalize(pack)` checks that every shard came and packs them.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.qweight: nn.Module | None = None
+        self._staged: dict[str | None, object] | None = None  # shard -> QTensor while loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight(x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    # ---- weight formats ---------------------------------------------------------------------------------
+    @property
+    def shards(self) -> dict[str | None, tuple[int, int]]:
+        """Output-row ranges of the projections stacked in this weight (one unnamed one for a plain Linear)."""
+        return {None: (0, self.out_features)}
+
+    @property
+    def weight_format(self) -> str:
+        if self.qweight is not None:
+            return self.qweight.label
+        return "pending" if self.weight is None else str(self.weight.dtype).removeprefix("torch.")
+
+    @property
+    def weight_bytes(self) -> int:
+        if self.qweight is not None:
+            return self.qweight.nbytes
+        return self.weight.nbytes if self.weight is not None else 0
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as a dense matrix (dequantized when quantized)."""
+        if self.qweight is not None:
+            return self.qweight.dequantize(dtype)
+        return self.weight.to(dtype)
+
+    def set_quantized(self, qweight: nn.Module) -> None:
+        """Replace the dense weight with a packed one of the same shape."""
+        shape = (qweight.out_features, qweight.in_features)
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {shape} for a {self.out_features}x{self.in_features} layer")
+        self.weight = None
+        self.qweight = qweight
+        self._staged = None
+
+    def expect_quantized(self) -> None:
+        """Drop the dense weight before allocation; shards then arrive through `stage`."""
+        self.weight = None
+        self.qweight = None
+        self._staged = {}
+
+    def stage(self, shard: str | None, value) -> None:
+        """Keep one quantized shard (anything with `.shape` [rows, in_features]) until `finalize`."""
+        from thrifty.errors import ModelFileError
+
+        if self._staged is None:
+            raise ValueError("stage() on a layer that does not expect quantized weights")
+        if shard not in self.shards:
+            raise ModelFileError(f"unknown shard {shard!r}; this layer stacks {list(self.shards)}", "")
+        lo, hi = self.shards[shard]
+        if tuple(value.shape) != (hi - lo, self.in_features):
+            raise ModelFileError(f"weight shard {shard or 'weight'} has shape {tuple(value.shape)}, the model "
+                                 f"expects {(hi - lo, self.in_features)}", "check that the checkpoint fits the model")
+        self._staged[shard] = value
+
+    def finalize(self, pack) -> None:
+        """pack(list of staged shards in row order) -> packed module. Every shard must have been staged."""
+        from thrifty.errors import ModelFileError
+
+        missing = [str(s) for s in self.shards if s not in (self._staged or {})]
+        if missing:
+            raise ModelFileError(f"weights missing from the checkpoint: shard(s) {', '.join(missing)}",
+                                 "check that the checkpoint is complete")
+        self.set_quantized(pack([self._staged[s] for s in self.shards]))
 
 
 class MergedLinear(Linear):
@@ -76,7 +149,14 @@ class MergedLinear(Linear):
             self.offsets[name] = (start, start + width)
             start += width
 
+    @property
+    def shards(self) -> dict[str | None, tuple[int, int]]:
+        return dict(self.offsets)
+
     def load_shard(self, shard: str, param: str, value: torch.Tensor) -> None:
+        if param == "weight" and self._staged is not None:
+            self.stage(shard, value)
+            return
         lo, hi = self.offsets[shard]
         target = self.weight if param == "weight" else self.bias
         if target is None or target[lo:hi].shape != value.shape:

@@ -25,6 +25,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    weights: str = "auto"       # the weight format the linear layers run in (thrifty.quant.spec)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -44,19 +45,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def read_checkpoint(path: Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], "Tokenizer"]:  # noqa: F821
-    """Config, a lazy iterator of HF-named float32 weights, and the tokenizer of a local model path."""
-    from thrifty.models.tokenizer import Tokenizer
+def read_checkpoint(path: Path, native: bool = False
+                    ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], "Tokenizer"]:  # noqa: F821
+    """Config, a lazy iterator of HF-named float32 weights, and the tokenizer of a local model path.
 
+    A folder written by `thrifty quantize`, and a GGUF file read with `native=True`, yield their linear
+    weights as QTensors (thrifty.quant) instead.
+    """
+    from thrifty.models.tokenizer import Tokenizer
+    from thrifty.quant import checkpoint
+
+    if checkpoint.is_quantized_folder(path):
+        return checkpoint.read(path)
     if hf_folder.is_hf_folder(path):
         return hf_folder.read_config(path), hf_folder.weights(path), Tokenizer.from_hf_folder(path)
     gguf = GGUFFile(path)
     config = gguf.model_config()
+    if native:
+        from thrifty.quant.gguf_native import hf_native_weights
+
+        return config, hf_native_weights(gguf, config), Tokenizer.from_gguf(gguf)
     return config, hf_weights(gguf, config), Tokenizer.from_gguf(gguf)
 
 
 def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device) -> Qwen2ForCausalLM:
+                device: torch.device, spec: "WeightSpec | None" = None) -> Qwen2ForCausalLM:  # noqa: F821
+    if spec is not None and spec.quantized:
+        from thrifty.quant.loading import build_quantized
+
+        return build_quantized(Qwen2ForCausalLM, config, weights, dtype, device, spec)
     # Build on the meta device so no throw-away float32 copy of every weight is allocated.
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
@@ -65,12 +82,28 @@ def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]]
     return model.eval()
 
 
-def load(spec: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> LoadedModel:
+def load(spec: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+         weights: str = "auto") -> LoadedModel:
+    """`weights`: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a folder from `thrifty quantize`
+    (thrifty.quant.spec)."""
     from thrifty.models import zoo
+    from thrifty.quant.spec import resolve_weights
 
     path = zoo.resolve(str(spec))
     dev = resolve_device(device)
+    path, wspec, dtype = resolve_weights(path, weights, dtype)
     torch_dtype = resolve_dtype(dtype, dev)
-    config, weights, tokenizer = read_checkpoint(path)
-    model = build_model(config, weights, torch_dtype, dev)
-    return LoadedModel(model, config, tokenizer, path, torch_dtype, dev)
+    config, tensors, tokenizer = read_checkpoint(path, native=wspec.kind == "gguf")
+    model = build_model(config, tensors, torch_dtype, dev, wspec)
+    return LoadedModel(model, config, tokenizer, path, torch_dtype, dev, wspec.name)
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A local model's config alone (no weights read)."""
+    from thrifty.quant import checkpoint
+
+    if checkpoint.is_quantized_folder(path):
+        return checkpoint.read_config(path)
+    if hf_folder.is_hf_folder(path):
+        return hf_folder.read_config(path)
+    return GGUFFile(path).model_config()
