@@ -12,6 +12,10 @@
       max_waiting_requests: 128
       max_output_tokens: 4096
       max_body_bytes: 1048576
+    cache:                                 # response caching (thrifty.gateway.cache); see CacheSettings
+      enabled: true
+      store: embedded                      # embedded (SQLite + FAISS under $THRIFTY_HOME) | redis
+      semantic: false                      # opt in: answers similar questions (MiniLM + guard)
 
 Importing this module is cheap (no torch); `ThriftyConfig.engine_config()` checks the engine fields.
 """
@@ -62,10 +66,56 @@ class ServerSettings:
 
 
 @dataclass(slots=True)
+class CacheSettings:
+    """Exact and semantic response caching, and coalescing of identical in-flight requests.
+
+    Exact caching is on by default: it can only answer the very same request (same tenant, model,
+    messages, parameters), and only deterministic ones (temperature 0 or a fixed seed). Semantic caching
+    is opt-in: it answers a *different* question with a stored answer, which is a product decision;
+    run `thrifty cache eval` on your own traffic's pairs before turning it on."""
+    enabled: bool = True
+    store: str = "embedded"                  # embedded | redis
+    path: str | None = None                  # embedded: SQLite file; default $THRIFTY_HOME/cache/responses.sqlite3
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url_env: str | None = "THRIFTY_REDIS_URL"  # when this variable is set it wins (URLs may hold passwords)
+    namespace: str = "default"
+    ttl_s: float | None = 86400.0            # entries live this long (None: until evicted)
+    max_entries: int = 100_000               # size bound; least recently used out first
+    cache_nondeterministic: bool = False     # also cache temperature > 0 without a seed
+    coalesce: bool = True                    # identical in-flight requests run once
+    semantic: bool = False
+    embedder: str = "all-minilm-l6-v2"
+    same_words: float = 0.30                 # guard thresholds (thrifty.gateway.cache.guard.GuardConfig)
+    small_edit: float = 0.95
+    reworded: float = 0.84
+    semantic_max_chars: int = 2000           # longer texts: exact cache only
+    timeout_ms: float | None = None          # per store call; default 50 (redis), 1000 (embedded)
+    breaker_failures: int = 3                # errors in a row that open the circuit
+    breaker_cooldown_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.store not in ("embedded", "redis"):
+            raise ConfigError(f"cache.store must be 'embedded' or 'redis', got {self.store!r}")
+        if self.max_entries < 1 or self.breaker_failures < 1:
+            raise ConfigError("cache.max_entries and cache.breaker_failures must be >= 1")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ConfigError(f"cache.ttl_s must be > 0 or null, got {self.ttl_s}")
+
+    def url(self) -> str:
+        return (os.environ.get(self.redis_url_env) if self.redis_url_env else None) or self.redis_url
+
+    def timeout_s(self) -> float:
+        if self.timeout_ms is not None:
+            return self.timeout_ms / 1000
+        return 0.05 if self.store == "redis" else 1.0
+
+
+@dataclass(slots=True)
 class ThriftyConfig:
     model: str = DEFAULT_MODEL
     engine: dict[str, Any] = field(default_factory=dict)
     server: ServerSettings = field(default_factory=ServerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def engine_config(self):
         """The engine section as an EngineConfig (imports torch)."""

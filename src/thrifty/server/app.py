@@ -11,11 +11,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from thrifty.config import ServerSettings
+from thrifty.config import CacheSettings, ServerSettings
 from thrifty.engine.async_engine import AsyncEngine
 from thrifty.errors import ThriftyError
 from thrifty.server import schemas as s
 from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response, validation_error
+from thrifty.server.caching import ServerCache
 from thrifty.server.metrics import CONTENT_TYPE
 from thrifty.server.serving import EngineClient, Prepared
 
@@ -109,9 +110,10 @@ _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "
 class _Stream(StreamingResponse):
     """An SSE response that releases its request's admission ticket however the stream ends."""
 
-    def __init__(self, content, client: EngineClient, prepared: Prepared) -> None:
+    def __init__(self, content, client: EngineClient, prepared: Prepared,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self.client, self.prepared = client, prepared
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,16 +124,22 @@ class _Stream(StreamingResponse):
 
 
 def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | None = None,
-               api_key: str | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
-    """The OpenAI-compatible app for one engine. `api_key` None: no authentication."""
+               api_key: str | None = None, aliases: tuple[str, ...] = (), cache=None,
+               cache_settings: CacheSettings | None = None) -> FastAPI:
+    """The OpenAI-compatible app for one engine. `api_key` None: no authentication. `cache`: a
+    thrifty.gateway.cache.ResponseCache (None: no response cache, no coalescing)."""
     settings = settings or ServerSettings()
     client = EngineClient(engine, model_name, settings, aliases)
+    client.cache = ServerCache(client, cache, cache_settings or CacheSettings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         client.draining = True
         await engine.shutdown()
+        if cache is not None:
+            await cache.drain()
+            cache.close()
 
     app = FastAPI(title="thrifty", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM server (completions, chat completions, models).")
@@ -156,26 +164,32 @@ def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | 
     async def _on_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
-    async def run(prepared: Prepared, request: Request, chat: bool) -> Response:
+    async def run(prepared: Prepared, body: s.CompletionRequest | s.ChatCompletionRequest, request: Request,
+                  chat: bool) -> Response:
+        try:  # the cache answers, or joins an identical request in flight, or starts the generation
+            source, headers = await client.cache.source(prepared, client.cache.plan(prepared, body, request, chat))
+        except BaseException:
+            client.release(prepared)
+            raise
         if prepared.stream:
-            return _Stream(client.stream(prepared, chat), client, prepared)
+            return _Stream(client.stream(prepared, chat, source), client, prepared, headers)
         try:
-            result = await (client.chat if chat else client.complete)(prepared, request.is_disconnected)
+            result = await (client.chat if chat else client.complete)(prepared, request.is_disconnected, source)
         finally:
             client.release(prepared)
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(result.model_dump(mode="json"))
+        return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
     @app.post("/v1/completions", response_model=s.CompletionResponse,
               responses={200: _STREAM_DOC, **_ERRORS})
     async def completions(body: s.CompletionRequest, request: Request) -> Response:
-        return await run(client.prepare_completion(body), request, chat=False)
+        return await run(client.prepare_completion(body), body, request, chat=False)
 
     @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse,
               responses={200: _STREAM_DOC, **_ERRORS})
     async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Response:
-        return await run(client.prepare_chat(body), request, chat=True)
+        return await run(client.prepare_chat(body), body, request, chat=True)
 
     @app.get("/v1/models", response_model=s.ModelList, responses={401: _ERRORS[401]})
     async def models() -> s.ModelList:

@@ -46,6 +46,29 @@ class _EngineCollector(Collector):
                                   stats.hits)
 
 
+class _CacheCollector(Collector):
+    """The cache store's health, read at scrape time: errors by operation, circuit breaker state."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator:
+        glue = getattr(self.client, "cache", None)
+        cache = getattr(glue, "cache", None)
+        if cache is None:
+            return
+        errors = CounterMetricFamily("thrifty_cache_store_errors", "Cache store calls that failed or timed out "
+                                     "(the request was served without the cache)", labels=["op"])
+        for op in ("get", "search", "put"):
+            errors.add_metric([op], cache.stats.errors.get(op, 0))
+        yield errors
+        yield GaugeMetricFamily("thrifty_cache_breaker_open", "1 while the cache store's circuit breaker is open",
+                                1 if cache.breaker.is_open else 0)
+        yield CounterMetricFamily("thrifty_cache_breaker_opened", "Times the circuit breaker opened",
+                                  cache.stats.breaker_opened)
+        yield CounterMetricFamily("thrifty_cache_stores", "Answers written to the cache", cache.stats.stores)
+
+
 class ServerMetrics:
     def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
@@ -66,7 +89,18 @@ class ServerMetrics:
                               registry=r, buckets=_TPOT_BUCKETS)
         self.e2e = Histogram("thrifty_request_duration_seconds", "Generation request latency, end to end",
                              registry=r, buckets=_LATENCY_BUCKETS)
+        # response cache (thrifty.server.caching): requests by result, look-up time, tokens not computed
+        self.cache_requests = Counter("thrifty_cache_requests", "Generation requests by cache result "
+                                      "(hit, semantic-hit, miss, coalesced, bypass)", ["result"], registry=r)
+        self.cache_served_tokens = Counter("thrifty_cache_served_tokens", "Completion tokens answered from the "
+                                           "cache or a coalesced request, not computed", ["kind"], registry=r)
+        self.cache_lookup = Histogram("thrifty_cache_lookup_seconds", "Cache look-up time (exact + semantic)",
+                                      registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                           0.25, 1.0))
+        self.cache_similarity = Histogram("thrifty_cache_semantic_similarity", "Cosine of semantic hits",
+                                          registry=r, buckets=(0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0))
         r.register(_EngineCollector(client))
+        r.register(_CacheCollector(client))
 
     def observe_finished(self, out: RequestOutput, duration_s: float) -> None:
         u = out.usage

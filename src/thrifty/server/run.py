@@ -19,7 +19,15 @@ def build_server_app(config: ThriftyConfig, api_key: str | None = None):
     print(f"thrifty: loading {config.model} ...", file=sys.stderr, flush=True)
     engine = LLMEngine.from_model(config.model, **{f: getattr(engine_config, f) for f in config.engine})
     name = config.served_model_name()
-    return create_app(AsyncEngine(engine), name, config.server, api_key, aliases=(config.model,))
+    cache = None
+    if config.cache.enabled:
+        from thrifty.gateway.cache import build_cache
+
+        cache = build_cache(config.cache)  # connects to nothing yet: a server starts with Redis down
+        print(f"thrifty: response cache on ({config.cache.store}, semantic "
+              f"{'on' if config.cache.semantic else 'off'})", file=sys.stderr, flush=True)
+    return create_app(AsyncEngine(engine), name, config.server, api_key, aliases=(config.model,), cache=cache,
+                      cache_settings=config.cache)
 
 
 def serve(config: ThriftyConfig, api_key: str | None = None) -> None:

@@ -22,6 +22,16 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class CacheOptions(_Request):
+    """Per-request cache controls, as LiteLLM takes them: {"no-cache": true, "ttl": 600, ...}."""
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    no_cache: bool = Field(False, alias="no-cache")
+    no_store: bool = Field(False, alias="no-store")
+    ttl: Annotated[float, Field(gt=0, le=10**9)] | None = None
+    s_maxage: Annotated[float, Field(ge=0, le=10**9)] | None = Field(None, alias="s-maxage")
+    namespace: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
 class _SamplingFields(_Request):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -46,6 +56,7 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    cache: CacheOptions | None = None        # thrifty / LiteLLM extra: per-request cache controls
 
 
 class CompletionRequest(_SamplingFields):

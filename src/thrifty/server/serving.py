@@ -241,9 +241,11 @@ class EngineClient:
             offset += len(tok)
         return s.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
-    async def run_to_end(self, p: Prepared, is_disconnected: IsDisconnected) -> RequestOutput | None:
-        """The final output, or None when the client went away (the request is then aborted)."""
-        gen = self.generate(p)
+    async def run_to_end(self, p: Prepared, is_disconnected: IsDisconnected,
+                         source: AsyncIterator[RequestOutput] | None = None) -> RequestOutput | None:
+        """The final output, or None when the client went away (the request is then aborted).
+        `source`: outputs from elsewhere (the cache, a coalesced flight) instead of the engine."""
+        gen = source if source is not None else self.generate(p)
         try:
             async for out in gen:
                 if out.finished:
@@ -254,8 +256,9 @@ class EngineClient:
             await gen.aclose()
         return None
 
-    async def complete(self, p: Prepared, is_disconnected: IsDisconnected) -> s.CompletionResponse | None:
-        out = await self.run_to_end(p, is_disconnected)
+    async def complete(self, p: Prepared, is_disconnected: IsDisconnected,
+                       source: AsyncIterator[RequestOutput] | None = None) -> s.CompletionResponse | None:
+        out = await self.run_to_end(p, is_disconnected, source)
         if out is None:
             return None
         lps = self.completion_logprobs(out, 0, len(out.logprobs), p.top_logprobs, 0) \
@@ -264,8 +267,9 @@ class EngineClient:
         return s.CompletionResponse(id=p.request_id, created=int(time.time()), model=self.model_name,
                                     choices=[choice], usage=self.usage(out))
 
-    async def chat(self, p: Prepared, is_disconnected: IsDisconnected) -> s.ChatCompletionResponse | None:
-        out = await self.run_to_end(p, is_disconnected)
+    async def chat(self, p: Prepared, is_disconnected: IsDisconnected,
+                   source: AsyncIterator[RequestOutput] | None = None) -> s.ChatCompletionResponse | None:
+        out = await self.run_to_end(p, is_disconnected, source)
         if out is None:
             return None
         lps = self.chat_logprobs(out, 0, len(out.logprobs), p.top_logprobs) if p.top_logprobs is not None else None
@@ -274,11 +278,12 @@ class EngineClient:
         return s.ChatCompletionResponse(id=p.request_id, created=int(time.time()), model=self.model_name,
                                         choices=[choice], usage=self.usage(out))
 
-    async def stream(self, p: Prepared, chat: bool) -> AsyncIterator[str]:
+    async def stream(self, p: Prepared, chat: bool,
+                     source: AsyncIterator[RequestOutput] | None = None) -> AsyncIterator[str]:
         """SSE lines: chunks as text arrives, the usage chunk when asked for, then [DONE]."""
         created = int(time.time())
         common = dict(id=p.request_id, created=created, model=self.model_name)
-        gen = self.generate(p)
+        gen = source if source is not None else self.generate(p)
         sent_lp, offset = 0, 0
         try:
             if chat:
