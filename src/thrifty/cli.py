@@ -104,8 +104,20 @@ def _run_bench(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _cache(sub: argparse._SubParsersAction) -> None:
+    from thrifty.gateway.cache.command import add_parser
+
+    add_parser(sub)
+
+
+def _run_cache(args: argparse.Namespace) -> None:
+    from thrifty.gateway.cache.command import run
+
+    run(args)
+
+
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
-            "serve": (_serve, _run_serve), "bench": (_bench, _run_bench)}
+            "serve": (_serve, _run_serve), "bench": (_bench, _run_bench), "cache": (_cache, _run_cache)}
 
 
 def build_parser() -> argparse.ArgumentParser:

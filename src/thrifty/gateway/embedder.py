@@ -82,6 +82,11 @@ class Embedder:
                     self._remember(texts[i], v)
         return out
 
+    def forget(self) -> None:
+        """Drop the memo (benchmarks time real embeddings)."""
+        with self._lock:
+            self._memo.clear()
+
     # ---- internals ---------------------------------------------------------------------------------
     def _remember(self, text: str, v: np.ndarray) -> None:
         self._memo[text] = v

