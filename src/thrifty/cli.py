@@ -116,8 +116,58 @@ def _run_cache(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's weights (RTN, AWQ, GPTQ) into a folder --model can load")
+    p.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    p.add_argument("--method", required=True, choices=["rtn", "awq", "gptq"])
+    p.add_argument("--bits", type=int, required=True, help="4 or 8")
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32, 64, 128 (default) or 256; none for 8 bits")
+    p.add_argument("--out", required=True, help="output folder (safetensors + config.json + tokenizer)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from thrifty.quant.quantize import quantize_model
+
+    out = quantize_model(args.model, args.method, args.bits, args.out, args.group_size, args.calib_samples,
+                         args.calib_seq_len, args.seed, threads=args.threads)
+    print(out)
+
+
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="quality: perplexity and KL divergence against bf16")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("ppl", help="perplexity on held-out stdlib code and prose, KL vs bf16, weight bytes")
+    e.add_argument("--model", required=True, help="zoo name, .gguf file, Hugging Face or quantized folder")
+    e.add_argument("--weights", default="auto", help="auto, bf16, int8, int4[-gG], fp8, gguf, or a quantized DIR")
+    e.add_argument("--max-eval-tokens", type=int, default=4096, help="held-out tokens, half code, half prose")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    e.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    e.add_argument("--threads", type=int, default=None)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from thrifty.quant.evaluate import eval_ppl
+
+    result = eval_ppl(args.model, args.weights, args.max_eval_tokens, args.seq_len, threads=args.threads)
+    kl = result["kl_vs_bf16"]
+    print(f"weights {result['weights']}: ppl {result['ppl']:.4f} (code {result['ppl_code']:.4f}, prose "
+          f"{result['ppl_prose']:.4f}), KL vs bf16 {'-' if kl is None else f'{kl:.5f}'}, "
+          f"weights {result['weight_bytes'] / 2**20:.1f} MiB (linear {result['linear_weight_bytes'] / 2**20:.1f} MiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
-            "serve": (_serve, _run_serve), "bench": (_bench, _run_bench), "cache": (_cache, _run_cache)}
+            "serve": (_serve, _run_serve), "bench": (_bench, _run_bench),
+            "quantize": (_quantize, _run_quantize), "eval": (_eval, _run_eval), "cache": (_cache, _run_cache)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,31 +90,34 @@ def save(folder: str | Path, config: ModelConfig, tensors: dict[str, torch.Tenso
     """Write a quantized folder. `tensors`: Hugging Face names; linear layers as QTensors under `P.weight`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    flat: dict[str, torch.Tensor] = {}
+    groups: list[dict[str, torch.Tensor]] = []      # a layer's qweight, scales and offsets stay in one file
     formats: dict[str, str] = {}
     for name, t in tensors.items():
         if isinstance(t, QTensor):
             prefix = name.removesuffix(".weight")
             if t.kind == "fp8":
-                flat[f"{prefix}.qweight"] = t.q.contiguous()
+                q = t.q.contiguous()
             elif t.bits == 4:
-                flat[f"{prefix}.qweight"] = _pack_nibbles(t.q)
+                q = _pack_nibbles(t.q)
             else:
-                flat[f"{prefix}.qweight"] = t.q.to(torch.int8).contiguous()
-            flat[f"{prefix}.scales"] = t.scale.float().contiguous()
+                q = t.q.to(torch.int8).contiguous()
+            group = {f"{prefix}.qweight": q, f"{prefix}.scales": t.scale.float().contiguous()}
             if t.offset is not None:
-                flat[f"{prefix}.offsets"] = t.offset.float().contiguous()
+                group[f"{prefix}.offsets"] = t.offset.float().contiguous()
+            groups.append(group)
             formats[prefix] = f"{t.kind}:{t.bits}:{t.group_size}"
         else:
-            flat[name] = (t.to(torch.bfloat16) if t.dim() >= 2 else t.float()).contiguous()
+            groups.append({name: (t.to(torch.bfloat16) if t.dim() >= 2 else t.float()).contiguous()})
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in flat.items():
-        if size and size + t.nbytes > max_shard_bytes:
+    for group in groups:
+        nbytes = sum(t.nbytes for t in group.values())
+        if size and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
+        shards[-1].update(group)
+        size += nbytes
+    flat = {n: t for shard in shards for n, t in shard.items()}
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

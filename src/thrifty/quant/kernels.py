@@ -53,6 +53,10 @@ class QuantWeight(nn.Module):
         raise NotImplementedError
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -67,8 +71,9 @@ class Int8Weight(QuantWeight):
     def __init__(self, qt: QTensor, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.out_features, self.in_features = qt.shape
-        self.register_buffer("q", qt.q.to(device=device, dtype=torch.int8).contiguous())
-        self.register_buffer("scale", qt.scale.reshape(-1).to(device=device, dtype=dtype))
+        # fresh copies: the CPU kernel faults on tensors that are not 64-byte aligned (e.g. safetensors views)
+        self.register_buffer("q", _aligned(qt.q.to(device=device, dtype=torch.int8)))
+        self.register_buffer("scale", _aligned(qt.scale.reshape(-1).to(device=device, dtype=dtype)))
 
     @property
     def label(self) -> str:
@@ -212,7 +217,7 @@ class Fp8Weight(QuantWeight):
     def __init__(self, qt: QTensor, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.out_features, self.in_features = qt.shape
-        self.register_buffer("q", qt.q.to(device=device, dtype=torch.float8_e4m3fn).contiguous())
+        self.register_buffer("q", _aligned(qt.q.to(device=device, dtype=torch.float8_e4m3fn)))
         self.register_buffer("scale", qt.scale.reshape(-1, 1).to(device=device, dtype=dtype))
 
     @property

@@ -1,0 +1,195 @@
+"""`thrifty quantize`: float model -> RTN / AWQ / GPTQ -> a quantized folder (thrifty.quant.checkpoint).
+
+AWQ and GPTQ run layer by layer over calibration windows (thrifty.quant.data, never the evaluation text): the
+decoder layer's linear inputs are captured with hooks, the layer is quantized, and the layer's output computed
+with the quantized weights becomes the next layer's input, so later layers calibrate on what they will see.
+The output head comes last, on the final norm's output. Everything runs in float32 on the CPU.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from thrifty.errors import InvalidRequestError
+from thrifty.models.layers import Linear, MergedLinear
+from thrifty.quant import awq, data
+from thrifty.quant.checkpoint import save
+from thrifty.quant.evaluate import prefill_meta
+from thrifty.quant.gptq import gptq_quantize, hessian
+from thrifty.quant.loading import quantizable_layers
+from thrifty.quant.qtensor import QTensor, check_format, quantize_rtn
+
+METHODS = ("rtn", "awq", "gptq")
+
+
+def _unfused_names() -> dict[tuple[str, str], str]:
+    from thrifty.models.qwen2 import _SHARDS
+
+    return {(fused, shard): orig for orig, (fused, shard) in _SHARDS.items()}
+
+
+def export_tensors(model: torch.nn.Module, qts: dict[str, QTensor]) -> dict[str, torch.Tensor | QTensor]:
+    """Hugging Face-named tensors: quantized layers as QTensors (fused ones split back), the rest as they are."""
+    unfused = _unfused_names()
+    out: dict[str, torch.Tensor | QTensor] = {}
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        prefix, leaf = name.rsplit(".", 1)
+        module = modules[prefix]
+        if isinstance(module, MergedLinear):
+            parent, fused = prefix.rsplit(".", 1)
+            for shard, (lo, hi) in module.offsets.items():
+                out[f"{parent}.{unfused[(fused, shard)]}.{leaf}"] = param.data[lo:hi]
+        elif not (leaf == "weight" and prefix in qts):
+            out[name] = param.data
+    for prefix, qt in qts.items():
+        module = modules[prefix]
+        if isinstance(module, MergedLinear):
+            parent, fused = prefix.rsplit(".", 1)
+            for shard, (lo, hi) in module.offsets.items():
+                out[f"{parent}.{unfused[(fused, shard)]}.weight"] = qt.rows(lo, hi)
+        else:
+            out[f"{prefix}.weight"] = qt
+    return out
+
+
+def _capture(modules: dict[str, Linear], run) -> dict[str, torch.Tensor]:
+    """The inputs each module sees while `run()` executes."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
+             for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _set(layer: Linear, qt: QTensor) -> None:
+    layer.weight.data.copy_(qt.dequantize())
+
+
+def _awq_layer(layer, x_in: dict[str, torch.Tensor], config, bits: int, group: int | None) -> dict[str, QTensor]:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+    # 1. q|k|v read input_layernorm's output
+    s = awq.search_scale(x_in["qkv"], qkv.weight, bits, group)
+    layer.input_layernorm.weight.data /= s
+    qkv.weight.data *= s
+    x_in["qkv"] = x_in["qkv"] / s
+    # 2. o_proj reads attention outputs, linear in v's rows (shared by the query heads of a KV group)
+    tie = awq.gqa_tie(config.num_heads, config.num_kv_heads, config.head_dim)
+    s = awq.search_scale(x_in["o"], o.weight, bits, group, tie=tie)
+    groups = config.num_heads // config.num_kv_heads
+    s_v = s.view(config.num_kv_heads, groups, config.head_dim)[:, 0, :].reshape(-1)
+    lo, hi = qkv.offsets["v"]
+    qkv.weight.data[lo:hi] /= s_v[:, None]
+    if qkv.bias is not None:
+        qkv.bias.data[lo:hi] /= s_v
+    o.weight.data *= s
+    x_in["o"] = x_in["o"] / s
+    # 3. gate|up read post_attention_layernorm's output
+    s = awq.search_scale(x_in["gate_up"], gate_up.weight, bits, group)
+    layer.post_attention_layernorm.weight.data /= s
+    gate_up.weight.data *= s
+    x_in["gate_up"] = x_in["gate_up"] / s
+    # 4. down_proj reads silu(gate) * up: linear in up's rows
+    s = awq.search_scale(x_in["down"], down.weight, bits, group)
+    lo, hi = gate_up.offsets["up"]
+    gate_up.weight.data[lo:hi] /= s[:, None]
+    down.weight.data *= s
+    x_in["down"] = x_in["down"] / s
+    # v and up changed after q|k|v and gate|up were searched; their inputs did not, so rounding comes last
+    return {key: awq.quantize_weight(x_in[key], lin.weight, bits, group)
+            for key, lin in (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down))}
+
+
+def calibrate(model, config, windows: list[list[int]], method: str, bits: int, group: int | None,
+              progress: bool = True) -> dict[str, QTensor]:
+    """Layer-by-layer AWQ or GPTQ over calibration windows; returns QTensors by fused module name."""
+    lengths = [len(w) for w in windows]
+    ids = torch.tensor([t for w in windows for t in w])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    meta = prefill_meta(config, lengths, torch.float32, shared_layers=True)
+    inner = model.model
+    qts: dict[str, QTensor] = {}
+    with torch.inference_mode():
+        x = inner.embed_tokens(ids).float()
+        cos, sin = inner.rotary.cos_sin(positions, x.dtype)
+    bar = tqdm(total=config.num_layers + 1, desc=f"{method} {bits}-bit", unit="layer", disable=not progress)
+    for i, layer in enumerate(inner.layers):
+        names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+                 "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+        with torch.inference_mode():
+            x_in = _capture(names, lambda: layer(x, cos, sin, meta))
+        x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
+        if method == "awq":
+            found = _awq_layer(layer, x_in, config, bits, group)
+        else:
+            found = {k: gptq_quantize(lin.weight, hessian(x_in[k]), bits, group) for k, lin in names.items()}
+        del x_in
+        for key, qt in found.items():
+            _set(names[key], qt)
+            qts[f"model.layers.{i}.{'self_attn' if key in ('qkv', 'o') else 'mlp'}.{_FIELD[key]}"] = qt
+        with torch.inference_mode():
+            x = layer(x, cos, sin, meta)
+        bar.set_postfix_str(f"layer {i}")
+        bar.update(1)
+    if "lm_head" in quantizable_layers(model):
+        with torch.inference_mode():
+            h = inner.norm(x)
+        h = h.clone()
+        head = model.lm_head
+        if method == "awq":
+            s = awq.search_scale(h, head.weight, bits, group)
+            inner.norm.weight.data /= s
+            head.weight.data *= s
+            qts["lm_head"] = awq.quantize_weight(h / s, head.weight, bits, group)
+        else:
+            qts["lm_head"] = gptq_quantize(head.weight, hessian(h), bits, group)
+    bar.update(1)
+    bar.close()
+    return qts
+
+
+_FIELD = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}
+
+
+def quantize_model(model: str, method: str, bits: int, out: str | Path, group_size: int | None = None,
+                   samples: int = 32, seq_len: int = 256, seed: int = 0, progress: bool = True,
+                   threads: int | None = None) -> Path:
+    from thrifty.models.loader import load
+
+    if method not in METHODS:
+        raise InvalidRequestError(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}", param="method")
+    if bits == 4 and group_size is None:
+        group_size = 128
+    group = check_format(bits, group_size)
+    if samples < 1 or seq_len < 2:
+        raise InvalidRequestError("calibration needs at least one sample of two tokens", "", param="samples")
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.monotonic()
+    loaded = load(model, dtype="float32", weights="fp32")
+    for name, layer in quantizable_layers(loaded.model).items():
+        if group and layer.in_features % group:
+            raise InvalidRequestError(f"group size {group} does not divide {name}'s input width {layer.in_features}",
+                                      "pick a smaller group size", param="group_size")
+    calib: dict = {}
+    if method == "rtn":
+        qts = {name: quantize_rtn(layer.weight, bits, group)
+               for name, layer in tqdm(quantizable_layers(loaded.model).items(), desc=f"rtn {bits}-bit",
+                                       unit="layer", disable=not progress)}
+    else:
+        windows = data.calibration_windows(loaded.tokenizer, samples, seq_len, seed)
+        calib = {"samples": len(windows), "seq_len": seq_len, "seed": seed, "tokens": sum(map(len, windows)),
+                 **data.describe()}
+        qts = calibrate(loaded.model, loaded.config, windows, method, bits, group, progress)
+    tensors = export_tensors(loaded.model, qts)
+    meta = {"method": method, "bits": bits, "group_size": group, "source": str(loaded.path),
+            "calibration": calib, "seconds": round(time.monotonic() - started, 1)}
+    return save(out, loaded.config, tensors, loaded.tokenizer, meta)

@@ -1,0 +1,143 @@
+"""RTN / AWQ / GPTQ on a tiny model, quantized folders (write, load, errors), the eval and quantize commands,
+and the calibration / evaluation split."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_gguf import TinySpec, write_tiny_gguf
+
+from thrifty.cli import main
+from thrifty.engine.engine import LLMEngine
+from thrifty.engine.sampling import SamplingParams
+from thrifty.errors import InvalidRequestError, ModelFileError
+from thrifty.models.loader import load
+from thrifty.quant import data
+from thrifty.quant.evaluate import EvalSet, score
+from thrifty.quant.gptq import gptq_quantize, hessian
+from thrifty.quant.loading import formats
+from thrifty.quant.qtensor import quantize_rtn
+from thrifty.quant.quantize import quantize_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "t.gguf", TinySpec(hidden_size=128, intermediate_size=256))
+
+
+@pytest.fixture(scope="module")
+def evalset(tiny):
+    ref = load(tiny, weights="bf16")
+    ev = EvalSet.build(ref.tokenizer, 512, 128)
+    score(ref, ev, keep_as_reference=True, progress=False)
+    return ev
+
+
+def test_split_is_disjoint_and_fixed():
+    for domain in ("code", "prose"):
+        held = {d.key for d in data.documents(domain, held_out=True)}
+        train = {d.key for d in data.documents(domain, held_out=False)}
+        assert held and train and not held & train
+    assert data.is_held_out("os.py") == data.is_held_out("os.py")
+
+
+def test_calibration_windows_come_from_calibration_documents(tiny):
+    tok = load(tiny).tokenizer
+    windows = data.calibration_windows(tok, 4, 32, seed=0)
+    assert len(windows) == 4 and all(len(w) == 32 for w in windows)
+    assert windows == data.calibration_windows(tok, 4, 32, seed=0)
+    held = " ".join(d.text for d in data.documents("prose", held_out=True))
+    assert tok.decode(windows[-1]) not in held
+
+
+def test_gptq_beats_rtn_on_its_own_objective():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g) * torch.linspace(0.1, 3, 128)   # uneven channels, as in LLMs
+    w = torch.randn(64, 128, generator=g) * 0.05
+    h = hessian(x)
+    for bits, group in ((4, 32), (8, None)):
+        def err(qt):
+            return float(((x @ (qt.dequantize() - w).t()) ** 2).mean())
+        assert err(gptq_quantize(w, h, bits, group)) < err(quantize_rtn(w, bits, group))
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_quantize_writes_a_folder_that_loads_and_scores(tiny, evalset, tmp_path, method, bits, group):
+    out = quantize_model(str(tiny), method, bits, tmp_path / "q", group, samples=4, seq_len=32, progress=False)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (cfg["method"], cfg["bits"], cfg["group_size"]) == (method, bits, group)
+    loaded = load(out)
+    assert formats(loaded.model) == {"int4-g32" if bits == 4 else "int8": 9}
+    result = score(loaded, evalset, progress=False)
+    assert math.isfinite(result["ppl"]) and result["kl_vs_bf16"] is not None
+    assert result["kl_vs_bf16"] < (0.5 if bits == 4 else 0.02)
+    # the same folder through weights= on the source model, and through the engine
+    again = load(tiny, weights=str(out))
+    assert formats(again.model) == formats(loaded.model)
+    engine = LLMEngine.from_model(str(out), num_kv_blocks=16, max_num_seqs=1)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_awq_and_gptq_beat_rtn_at_4_bits(tiny, evalset, tmp_path):
+    kl = {}
+    for method in ("rtn", "awq", "gptq"):
+        out = quantize_model(str(tiny), method, 4, tmp_path / method, 32, samples=8, seq_len=64, progress=False)
+        kl[method] = score(load(out), evalset, progress=False)["kl_vs_bf16"]
+    assert kl["awq"] < kl["rtn"] and kl["gptq"] < kl["rtn"], kl
+
+
+def test_sharded_folder_and_missing_shard(tiny, tmp_path):
+    from thrifty.quant import checkpoint
+
+    out = tmp_path / "q"
+    loaded = load(tiny, dtype="float32")
+    from thrifty.quant.quantize import export_tensors
+    from thrifty.quant.loading import quantizable_layers
+
+    qts = {n: quantize_rtn(m.weight, 8, None) for n, m in quantizable_layers(loaded.model).items()}
+    checkpoint.save(out, loaded.config, export_tensors(loaded.model, qts), loaded.tokenizer,
+                    {"method": "rtn", "bits": 8, "group_size": None}, max_shard_bytes=100_000)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert formats(load(out).model) == {"int8": 9}
+    shards[1].unlink()
+    with pytest.raises(ModelFileError, match="missing 1 of"):
+        load(out)
+
+
+def test_quantized_folder_rejects_requantizing_and_mismatched_models(tiny, tmp_path):
+    out = quantize_model(str(tiny), "rtn", 8, tmp_path / "q", progress=False)
+    with pytest.raises(InvalidRequestError, match="already quantized"):
+        load(out, weights="int4")
+    other = write_tiny_gguf(tmp_path / "other.gguf", TinySpec(hidden_size=64, intermediate_size=128))
+    with pytest.raises(ModelFileError, match="does not fit"):
+        load(other, weights=str(out))
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="awq", bits=3), dict(method="gptq", bits=4, group_size=48),
+                                    dict(method="rtn", bits=8, group_size=32), dict(method="magic", bits=4)])
+def test_bad_quantize_arguments_fail_before_any_work(tiny, tmp_path, kwargs):
+    with pytest.raises(InvalidRequestError):
+        quantize_model(str(tiny), out=tmp_path / "q", progress=False, **kwargs)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_quantize_eval_and_generate(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--out", str(out), "--calib-samples", "2", "--calib-seq-len", "32"]) == 0
+    report = tmp_path / "r.json"
+    assert main(["eval", "ppl", "--model", str(out), "--max-eval-tokens", "256", "--seq-len", "64",
+                 "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert {"ppl", "ppl_code", "ppl_prose", "kl_vs_bf16", "weight_bytes"} <= set(result)
+    assert result["kl_vs_bf16"] > 0
+    assert main(["generate", "--model", str(tiny), "--weights", "int8", "--prompt", "hi", "--max-tokens", "3"]) == 0
+    assert main(["quantize", "--model", str(tiny), "--method", "awq", "--bits", "4", "--group-size", "16",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "group size" in capsys.readouterr().err
