@@ -1,0 +1,56 @@
+"""`thrifty cache eval` end to end on a small pairs file (embedded and Redis stores), and the embedder's
+parity with sentence-transformers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from thrifty.cli import main
+
+PAIRS = [
+    {"a": "How do I fix a dripping tap?", "b": "okay so how do i fix a dripping tap", "should_hit": True,
+     "category": "near_repeat"},
+    {"a": "How do I cancel a hotel booking?", "b": "um hi how do i cancel a hotel booking", "should_hit": True},
+    {"id": "n-001", "category": "negation", "a": "Cancel my subscription", "b": "Don't cancel my subscription",
+     "same_answer": False},
+    {"a": "Convert 100 USD to GBP", "b": "Convert 1000 USD to GBP", "should_hit": False, "category": "number_date"},
+    {"a": "Does your CLI support Linux?", "b": "Does your CLI support Windows?", "should_hit": False,
+     "category": "entity_swap"},
+]
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+def test_cache_eval_cli(tmp_path, store, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    out = tmp_path / "report.json"
+    assert main(["cache", "eval", "--pairs", str(pairs), "--store", store, "--entries", "300",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["pairs"] == 5 and r["hit_rate"] == 1.0 and r["false_hit_rate"] == 0.0
+    assert set(r["false_hit_rate_by_category"]) == {"negation", "number_date", "entity_swap"}
+    assert r["entries_at_timing"] >= 300 and 0 < r["lookup_p50_ms"] <= r["lookup_p99_ms"]
+    assert "false-hit rate" in capsys.readouterr().out
+
+
+def test_cache_eval_bad_pairs_file(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x"}\n')
+    assert main(["cache", "eval", "--pairs", str(bad)]) == 2
+    assert "not a pair" in capsys.readouterr().err
+
+
+def test_embedder_matches_sentence_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st = pytest.importorskip("sentence_transformers")
+    from thrifty.gateway.embedder import Embedder
+    from thrifty.models import zoo
+
+    texts = ["How do I reset my password?", "What's the weather in Paris tomorrow?", "def add(a, b): return a + b"]
+    ours = Embedder.from_zoo().embed(texts)
+    ref = st.SentenceTransformer(str(zoo.resolve("all-minilm-l6-v2")), device="cpu").encode(
+        texts, normalize_embeddings=True)
+    assert np.abs(ours - ref).max() < 1e-4
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
