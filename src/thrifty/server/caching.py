@@ -36,12 +36,29 @@ SIMILARITY_HEADER = "x-thrifty-cache-similarity"
 _PIECE = re.compile(r"\s*\S+\s*|\s+")
 
 
+def _model_identity(name: str, names: set[str]) -> str:
+    """The served name, the model's other names, and for a file or folder its size and mtime: new weights
+    under an old name do not answer from the old weights' entries."""
+    import os
+
+    parts = [name]
+    for n in sorted(names - {name}):
+        parts.append(n)
+        try:
+            st = os.stat(n)
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            pass
+    return "|".join(parts)
+
+
 class ServerCache:
     def __init__(self, client: EngineClient, cache: ResponseCache | None, settings: CacheSettings) -> None:
         self.client = client
         self.cache = cache
         self.settings = settings
         self.coalescer = Coalescer()
+        self.model_id = _model_identity(client.model_name, client.accepted_names)
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +78,7 @@ class ServerCache:
         text, context = self._semantic_parts(body, chat)
         if text is not None and len(text) > self.settings.semantic_max_chars:
             text = None
-        return build_request(tenant=tenant, namespace=self.settings.namespace, model=self.client.model_name,
+        return build_request(tenant=tenant, namespace=self.settings.namespace, model=self.model_id,
                              endpoint="chat" if chat else "completions", prompt_ids=p.prompt_ids, context=context,
                              text=text, params=p.params, controls=controls, default_ttl_s=self.settings.ttl_s)
 
