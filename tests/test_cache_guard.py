@@ -57,3 +57,9 @@ def test_extractors():
     assert numbers("Convert 1,000 USD to GBP at 2pm, three times") == sorted([1000.0, 1400.0, 3.0])
     assert names("How do I export my data from HubSpot to Excel?") == ["hubspot", "excel"]
     assert names("I'm sure it's OK") == []
+
+
+def test_roles_swapped_behind_stop_words():
+    d = G.check("Transfer £50 from my savings to my current account",
+                "Transfer £50 from my current account to my savings", 0.998)
+    assert not d.hit and "roles" in d.reason

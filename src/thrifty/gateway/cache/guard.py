@@ -277,16 +277,18 @@ _ROLE_WORDS = ("from", "to", "into", "than", "instead of", "versus", "vs", "rath
 
 
 def _roles(ws: list[str]) -> dict[str, str]:
-    """The first content word after each role word ("from" -> "paris")."""
+    """The first content word after each role word ("from my savings" -> from: "savings")."""
     out: dict[str, str] = {}
-    joined = " ".join(ws)
     for role in _ROLE_WORDS:
         if role == "to" and "from" not in ws:
             continue
-        for m in re.finditer(rf"(?<![a-z]){role} ((?:[a-z0-9']+ ){{0,2}}?)?([a-z0-9']+)", joined):
-            nxt = [w for w in m.group(0)[len(role):].split() if w not in _STOP]
-            if nxt:
-                out.setdefault(role, nxt[0])
+        parts = role.split()
+        n = len(parts)
+        for i in range(len(ws) - n + 1):
+            if ws[i:i + n] == parts:
+                nxt = next((w for w in ws[i + n:i + n + 4] if w not in _STOP), None)
+                if nxt is not None:
+                    out.setdefault(role, nxt)
     return out
 
 
