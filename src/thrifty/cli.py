@@ -93,12 +93,22 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
+    from thrifty.bench import quant
     from thrifty.bench.command import add_parser
 
     add_parser(sub)
+    bench = sub.choices["bench"]  # the quant suite joins bench's own subcommands
+    suites = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    if "quant" not in suites.choices:
+        quant.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
+    if getattr(args, "bench_command", None) == "quant":
+        from thrifty.bench.quant import run as run_quant
+
+        run_quant(args)
+        return
     from thrifty.bench.command import run
 
     run(args)

@@ -1,0 +1,281 @@
+"""`thrifty bench quant`: weight formats side by side in one run, with llama.cpp on the same GGUF as a row.
+
+Per format: weight bytes (linear layers incl. the output head, embeddings apart), perplexity on held-out code
+and prose, mean KL vs the bf16 reference, greedy agreement with bf16 (identical 32-token continuations of N
+prompts, batched), batch-1 decode tokens/s (128 new tokens after a short prompt) and prefill tokens/s (one
+~1,800-token prompt, time to first token). The reference is the checkpoint dequantized to bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from thrifty.errors import InvalidRequestError
+
+DEFAULT_FORMATS = "bf16,int8,int4,awq,gptq,gguf,llamacpp"
+COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "KL vs bf16", "greedy = bf16",
+           "decode tok/s", "prefill tok/s")
+
+
+def add_parser(bsub: argparse._SubParsersAction) -> None:
+    q = bsub.add_parser("quant", help="weight formats: bytes, perplexity, KL vs bf16, decode and prefill speed")
+    q.add_argument("--model", required=True, help="zoo name or .gguf file")
+    q.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    q.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help=f"comma-separated: weights values (bf16, int8, int4-g128, fp8, gguf, a DIR), awq, gptq "
+                        f"(quantized on the fly unless --awq/--gptq name a folder), llamacpp (default {DEFAULT_FORMATS})")
+    q.add_argument("--awq", help="an AWQ folder from thrifty quantize (default: make one, 4-bit g128)")
+    q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize (default: make one, 4-bit g128)")
+    q.add_argument("--max-eval-tokens", type=int, default=2048)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--greedy-prompts", type=int, default=20)
+    q.add_argument("--greedy-tokens", type=int, default=32)
+    q.add_argument("--decode-tokens", type=int, default=128)
+    q.add_argument("--prefill-tokens", type=int, default=1800)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _folder(model: str, method: str, given: str | None, progress: bool) -> str:
+    if given:
+        return given
+    from thrifty.paths import home
+    from thrifty.quant import checkpoint
+    from thrifty.quant.quantize import quantize_model
+
+    out = home() / "quant" / f"{Path(str(model)).stem}-{method}-4b-g128"
+    if not checkpoint.is_quantized_folder(out):
+        quantize_model(model, method, 4, out, 128, progress=progress)
+    return str(out)
+
+
+def _text_ids(tokenizer, n: int) -> list[int]:
+    from thrifty.quant import data
+
+    ids = data._stream(tokenizer, data.documents("code", held_out=True), n)
+    return ids[:n]
+
+
+def _greedy(loaded, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from thrifty.bench.engine_run import greedy_exact, make_engine
+
+    engine = make_engine(loaded, max_num_seqs=len(prompts), kv_cache_memory=0.5, max_num_batched_tokens=4096)
+    ids = [engine.add_request(p, greedy_exact(n)) for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return [done[i] for i in ids]
+
+
+def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    """(batch-1 decode tok/s, prefill tok/s) through the engine."""
+    from thrifty.bench.engine_run import greedy_exact, make_engine
+
+    options = dict(max_num_seqs=1, kv_cache_memory=0.5, max_num_batched_tokens=max(2048, len(long_prompt) + 1))
+    engine = make_engine(loaded, **options)
+    engine.add_request(prompt[:64], greedy_exact(8))        # warm-up
+    while engine.has_unfinished():
+        engine.step()
+    engine = make_engine(loaded, **options)
+    engine.add_request(prompt, greedy_exact(decode_tokens))
+    engine.step()                                            # prefill + first token
+    start, n = time.perf_counter(), 0
+    while engine.has_unfinished():
+        n += len(engine.step())
+    decode = n / (time.perf_counter() - start)
+    engine = make_engine(loaded, **options)
+    engine.add_request(long_prompt, greedy_exact(1))
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return decode, len(long_prompt) / (time.perf_counter() - start)
+
+
+def _row(name: str, scores: dict, greedy_match: float | None, decode: float, prefill: float) -> dict:
+    return {"format": name, **scores, "greedy_match_vs_bf16": greedy_match, "decode_tok_s": decode,
+            "prefill_tok_s": prefill}
+
+
+def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_prompt) -> dict:
+    import importlib
+
+    import numpy as np
+
+    from thrifty.models.gguf_file import GGUFFile, hf_name
+    from thrifty.quant.gguf_native import is_linear_weight
+
+    llama_cpp = importlib.import_module("llama_cpp")
+    n_ctx = max(args.seq_len, len(long_prompt) + 8, len(prompt) + args.decode_tokens + 8)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=args.threads,
+                          n_threads_batch=args.threads, logits_all=True, verbose=False)
+    nll = {d: 0.0 for d in evalset.windows}
+    count = {d: 0 for d in evalset.windows}
+    kl_sum, kl_n = 0.0, 0
+    for domain, windows in evalset.windows.items():
+        for i, ids in enumerate(windows):
+            llm.reset()
+            llm.eval(ids)
+            logits = torch.from_numpy(np.array(llm.scores[:len(ids) - 1], dtype=np.float32))
+            lp = torch.log_softmax(logits, dim=-1)
+            nll[domain] -= float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+            count[domain] += len(ids) - 1
+            ref = evalset.reference[(domain, i)]
+            kl_sum += float((ref.exp() * (ref - lp)).sum())
+            kl_n += lp.shape[0]
+
+    def greedy(p: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(p)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        return out
+
+    same = [greedy(p, args.greedy_tokens) == r for p, r in zip(prompts, greedy_ref)]
+    greedy(prompt[:64], 4)                                        # warm-up
+    llm.reset()
+    llm.eval(prompt)
+    start = time.perf_counter()
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range(args.decode_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = (args.decode_tokens - 1) / (time.perf_counter() - start)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(long_prompt)
+    prefill = len(long_prompt) / (time.perf_counter() - start)
+    gguf = GGUFFile(path)
+    linear = sum(t.nbytes for n, t in gguf.tensors.items() if is_linear_weight(hf_name(n) or ""))
+    embed = gguf.tensors["token_embd.weight"].nbytes
+    n_all = sum(count.values())
+    scores = {"weights": "llama.cpp (GGUF as stored)", "ppl": float(np.exp(sum(nll.values()) / n_all)),
+              "ppl_code": float(np.exp(nll["code"] / count["code"])),
+              "ppl_prose": float(np.exp(nll["prose"] / count["prose"])), "kl_vs_bf16": kl_sum / kl_n,
+              "weight_bytes": sum(t.nbytes for t in gguf.tensors.values()), "linear_weight_bytes": linear,
+              "embedding_bytes": embed, "version": getattr(llama_cpp, "__version__", "?")}
+    return _row("llama.cpp", scores, sum(same) / len(same), decode, prefill)
+
+
+def run_quant(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from thrifty.models import zoo
+    from thrifty.models.loader import load
+    from thrifty.quant import data
+    from thrifty.quant.evaluate import EvalSet, score
+
+    torch.set_num_threads(args.threads)
+    names = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if "bf16" not in names:
+        names.insert(0, "bf16")
+    names.remove("bf16")
+    names.insert(0, "bf16")
+    path = zoo.resolve(args.model)
+    reference = load(path, weights="bf16")
+    tok = reference.tokenizer
+    evalset = EvalSet.build(tok, args.max_eval_tokens, args.seq_len)
+    stream = _text_ids(tok, args.prefill_tokens + args.greedy_prompts * 48 + 64)
+    long_prompt = stream[:args.prefill_tokens]
+    prompt = stream[:32]
+    prompts = [stream[args.prefill_tokens + 48 * i:args.prefill_tokens + 48 * i + 16 + (i % 3) * 8]
+               for i in range(args.greedy_prompts)]
+    rows: list[dict] = []
+    greedy_ref = None
+    for name in tqdm(names, desc="bench quant", unit="format", disable=not args.progress):
+        if name == "llamacpp":
+            try:
+                rows.append(_llamacpp_row(path, evalset, prompts, greedy_ref, args, prompt, long_prompt))
+            except ImportError:
+                rows.append({"format": "llama.cpp", "error": "llama-cpp-python is not installed "
+                                                             "(pip install llama-cpp-python==0.3.36)"})
+            continue
+        weights = {"awq": lambda: _folder(args.model, "awq", args.awq, args.progress),
+                   "gptq": lambda: _folder(args.model, "gptq", args.gptq, args.progress)}.get(name, lambda: name)()
+        loaded = reference if name == "bf16" else load(path, weights=weights)
+        scores = score(loaded, evalset, keep_as_reference=name == "bf16", progress=args.progress, label=name)
+        outs = _greedy(loaded, prompts, args.greedy_tokens)
+        if greedy_ref is None:
+            greedy_ref = outs
+        match = sum(a == b for a, b in zip(outs, greedy_ref)) / len(outs)
+        decode, prefill = _speed(loaded, prompt, long_prompt, args.decode_tokens)
+        label = {"awq": "int4-g128 AWQ", "gptq": "int4-g128 GPTQ", "int4": "int4-g128 RTN"}.get(name, name)
+        rows.append(_row(label, scores, match, decode, prefill))
+        if loaded is not reference:
+            del loaded
+    return {"suite": "quant", "model": str(args.model), "path": str(path), "rows": rows,
+            "targets": _targets(rows), "threads": args.threads, "data": data.describe(),
+            "settings": {k: getattr(args, k) for k in ("max_eval_tokens", "seq_len", "greedy_prompts",
+                                                       "greedy_tokens", "decode_tokens", "prefill_tokens")},
+            "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                         "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _targets(rows: list[dict]) -> dict:
+    by = {r["format"]: r for r in rows if "error" not in r}
+    bf = by.get("bf16")
+    out: dict = {}
+    if not bf:
+        return out
+
+    def rel(name: str) -> float | None:
+        return by[name]["ppl"] / bf["ppl"] - 1 if name in by else None
+
+    if "int8" in by:
+        out["int8_ppl_within_0.5pct"] = rel("int8") <= 0.005
+        out["int8_greedy_identical_ge_90pct"] = by["int8"]["greedy_match_vs_bf16"] >= 0.9
+    rtn = by.get("int4-g128 RTN")
+    for m in ("AWQ", "GPTQ"):
+        r = by.get(f"int4-g128 {m}")
+        if r:
+            out[f"{m.lower()}_ppl_within_3pct"] = rel(f"int4-g128 {m}") <= 0.03
+            if rtn:
+                out[f"{m.lower()}_better_than_rtn"] = r["ppl"] < rtn["ppl"]
+    int4 = [r for n, r in by.items() if n.startswith("int4")]
+    if int4:
+        out["int4_linear_bytes_ratio_vs_bf16"] = int4[0]["linear_weight_bytes"] / bf["linear_weight_bytes"]
+        out["int4_linear_bytes_le_0.35x"] = out["int4_linear_bytes_ratio_vs_bf16"] <= 0.35
+    peer = by.get("llama.cpp")
+    if int4 and peer:
+        best = max(int4, key=lambda r: r["decode_tok_s"])
+        out["int4_decode_vs_llamacpp"] = best["decode_tok_s"] / peer["decode_tok_s"]
+        out["int4_prefill_vs_llamacpp"] = max(r["prefill_tok_s"] for r in int4) / peer["prefill_tok_s"]
+        out["int4_decode_ge_1.2x_llamacpp"] = out["int4_decode_vs_llamacpp"] >= 1.2
+        out["int4_prefill_ge_1.5x_llamacpp"] = out["int4_prefill_vs_llamacpp"] >= 1.5
+    return out
+
+
+def format_report(report: dict) -> str:
+    from thrifty.bench.report import markdown_table
+
+    rows = []
+    for r in report["rows"]:
+        if "error" in r:
+            rows.append([r["format"], r["error"]] + [None] * (len(COLUMNS) - 2))
+            continue
+        rows.append([r["format"], r["linear_weight_bytes"] / 2**20, r["embedding_bytes"] / 2**20, r["ppl_code"],
+                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"], r["decode_tok_s"],
+                     r["prefill_tok_s"]])
+    lines = [f"model {report['model']}, {report['threads']} threads, {report['hardware']['cores']} cores, "
+             f"torch {report['hardware']['torch']}", "", markdown_table(COLUMNS, rows), ""]
+    lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["targets"].items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    from thrifty.bench.report import write_json
+
+    if args.threads < 1:
+        raise InvalidRequestError("--threads must be >= 1", "", param="threads")
+    report = run_quant(args)
+    print(format_report(report))
+    if args.json:
+        print(f"\nwrote {write_json(args.json, report)}")
