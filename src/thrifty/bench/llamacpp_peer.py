@@ -1,6 +1,6 @@
 """The llama.cpp peer: llama-cpp-python's low-level batch API on the same GGUF file.
 
-One llama context per concurrency level C with n_seq_max = C (one KV stream per sequence, not unified), the
+One llama context per concurrency level C with n_seq_max = C (one unified KV buffer), the
 same closed loop as thrifty's: C slots, a finished request's slot is cleared and takes the next request. Each
 llama_decode call carries one token for every decoding slot plus whole prompts of newly started requests (up
 to n_batch tokens), the continuous batching llama-server does. Greedy (argmax of the logits), EOS ignored.
@@ -28,6 +28,8 @@ from thrifty.bench.workload import BenchRequest
 from thrifty.errors import ThriftyError
 
 REQUIREMENT = "llama-cpp-python==0.3.36"
+KV_UNIFIED = True    # one KV buffer shared by all sequences, so mixed prefill + decode batches split freely;
+                     # per-sequence streams (False) are llama.cpp's other layout (not yet compared on a quiet machine)
 
 
 def ensure_installed(log: Callable[[str], None] = print):
@@ -51,6 +53,11 @@ class LlamaCppModel:
         lib.llama_log_set(self._quiet, ctypes.c_void_p())
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
+        # llama.cpp 0.3.36's AMX weight repacking (an "extra buffer type") segfaults in llama_decode on a
+        # Sapphire Rapids CPU with this Q4_K_M/Q5_0 file; on CPUs with AMX, load without extra buffer types.
+        self.amx_off = _cpu_has("amx_tile") and hasattr(params, "use_extra_bufts")
+        if self.amx_off:
+            params.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise ThriftyError(f"llama.cpp could not load {path}", "check the file with `thrifty models list`")
@@ -74,7 +81,7 @@ class LlamaCppModel:
         cp.n_ubatch = min(512, n_batch)
         cp.n_seq_max = concurrency
         cp.n_threads = cp.n_threads_batch = self.threads
-        cp.kv_unified = False
+        cp.kv_unified = KV_UNIFIED
         cp.no_perf = True
         ctx = lib.llama_init_from_model(self.model, cp)
         if not ctx:
@@ -156,9 +163,19 @@ class LlamaCppModel:
         return RunResult.from_timings(
             "llamacpp", "continuous", concurrency, duration, out_tokens, ttfts, tpots,
             extra={"prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
-                   "threads": self.threads, "llama_cpp_python": self.version, "n_batch": n_batch},
+                   "threads": self.threads, "llama_cpp_python": self.version, "n_batch": n_batch,
+                   "kv_unified": KV_UNIFIED, "extra_buffer_types": not self.amx_off},
             notes=[f"llama-cpp-python {self.version} low-level batch API, n_seq_max={concurrency}, "
-                   f"{self.threads} threads, greedy argmax"])
+                   f"{self.threads} threads, greedy argmax"
+                   + (", extra buffer types (AMX repacking) off: they crash on this CPU" if self.amx_off else "")])
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def _put(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> None:

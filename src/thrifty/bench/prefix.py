@@ -79,7 +79,7 @@ def run_prefix(cfg: PrefixConfig) -> dict:
     met = {"ttft_speedup_hit_vs_cold": (ratios["ttft_speedup_hit_vs_cold"] or 0) >= 5,
            "prompt_tokens_computed_reduction": (ratios["prompt_tokens_computed_reduction"] or 0) >= 0.4}
     return {"benchmark": "prefix", "date": now_iso(),
-            "model": {"name": loaded.config.name, "path": str(loaded.path),
+            "model": {"spec": cfg.model, "name": loaded.config.name, "path": str(loaded.path),
                       "dtype": str(loaded.dtype).removeprefix("torch.")},
             "hardware": hardware_info(), "config": asdict(cfg), "results": results, "ratios": ratios,
             "targets": targets, "met": met}

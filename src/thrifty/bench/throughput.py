@@ -104,7 +104,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                                         cfg.progress)
             log(f"thrifty {policy} c={c}: {r.output_tokens_per_s:.1f} output tok/s")
             results.append(r)
-    model_info = {"name": loaded.config.name, "path": str(loaded.path), "architecture": loaded.config.architecture,
+    model_info = {"spec": cfg.model, "name": loaded.config.name, "path": str(loaded.path), "architecture": loaded.config.architecture,
                   "layers": loaded.config.num_layers, "hidden_size": loaded.config.hidden_size,
                   "dtype": str(loaded.dtype).removeprefix("torch.")}
     del loaded
