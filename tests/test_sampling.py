@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from thrifty.engine.sampling import (
     Sampler,
     SamplingParams,
-    StopChecker,
     TokenHistory,
     apply_penalties,
     make_generator,
 )
+from thrifty.engine.stop import StopChecker
 from thrifty.errors import InvalidRequestError
 
 V = 50

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thrifty.engine.sampling import SamplingParams, StopChecker, TokenHistory
+from thrifty.engine.sampling import SamplingParams, TokenHistory
+from thrifty.engine.stop import StopChecker
 
 
 class Status(enum.Enum):
