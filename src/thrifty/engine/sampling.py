@@ -1,4 +1,4 @@
-"""Sampling: request parameters, the batched sampler, and stop-string checks.
+"""Sampling: request parameters and the batched sampler (stop strings live in stop.py).
 
 Pipeline per step, for a batch of rows that share nothing but the tensor:
 
