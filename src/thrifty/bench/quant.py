@@ -111,10 +111,26 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
     from thrifty.models.gguf_file import GGUFFile, hf_name
     from thrifty.quant.gguf_native import is_linear_weight
 
+    from thrifty.bench.llamacpp_peer import _cpu_has
+
     llama_cpp = importlib.import_module("llama_cpp")
+    low = importlib.import_module("llama_cpp.llama_cpp")
     n_ctx = max(args.seq_len, len(long_prompt) + 8, len(prompt) + args.decode_tokens + 8)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, logits_all=True, verbose=False)
+    default_params = low.llama_model_default_params
+    amx_off = _cpu_has("amx_tile")
+
+    def params():  # llama.cpp 0.3.36's AMX repacking segfaults in llama_decode here (see llamacpp_peer)
+        p = default_params()
+        if amx_off and hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, logits_all=True, verbose=False)
+    finally:
+        low.llama_model_default_params = default_params
     nll = {d: 0.0 for d in evalset.windows}
     count = {d: 0 for d in evalset.windows}
     kl_sum, kl_n = 0.0, 0
@@ -161,7 +177,8 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
               "ppl_code": float(np.exp(nll["code"] / count["code"])),
               "ppl_prose": float(np.exp(nll["prose"] / count["prose"])), "kl_vs_bf16": kl_sum / kl_n,
               "weight_bytes": sum(t.nbytes for t in gguf.tensors.values()), "linear_weight_bytes": linear,
-              "embedding_bytes": embed, "version": getattr(llama_cpp, "__version__", "?")}
+              "embedding_bytes": embed, "version": getattr(llama_cpp, "__version__", "?"),
+              "note": "extra buffer types (AMX repacking) off" if amx_off else ""}
     return _row("llama.cpp", scores, sum(same) / len(same), decode, prefill)
 
 
@@ -209,6 +226,10 @@ def run_quant(args: argparse.Namespace) -> dict:
         decode, prefill = _speed(loaded, prompt, long_prompt, args.decode_tokens)
         label = {"awq": "int4-g128 AWQ", "gptq": "int4-g128 GPTQ", "int4": "int4-g128 RTN"}.get(name, name)
         rows.append(_row(label, scores, match, decode, prefill))
+        if args.json:  # partial results survive a crash of a later row
+            from thrifty.bench.report import write_json
+
+            write_json(args.json, {"suite": "quant", "partial": True, "rows": rows})
         if loaded is not reference:
             del loaded
     return {"suite": "quant", "model": str(args.model), "path": str(path), "rows": rows,
