@@ -21,15 +21,10 @@ def make_engine(path, **options) -> LLMEngine:
     return LLMEngine(load(path, config.dtype), config)
 
 
-def run_all(engine: LLMEngine, prompts, params=GREEDY) -> dict[str, list[int]]:
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
+def run_all(engine: LLMEngine, prompts, params=GREEDY) -> list[list[int]]:
+    outputs = engine.run(prompts, [params] * len(prompts))
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    return [done[i] for i in ids]
+    return [out.token_ids for out in outputs]
 
 
 def mixed_prompts(n: int, seed: int = 0, shared_prefix: int = 0) -> list[list[int]]:

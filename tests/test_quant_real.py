@@ -15,13 +15,7 @@ PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np\
 
 def _greedy(loaded, n=16):
     engine = make_engine(loaded, max_num_seqs=len(PROMPTS), kv_cache_memory=0.25)
-    ids = [engine.add_request(p, greedy_exact(n)) for p in PROMPTS]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return [done[i] for i in ids]
+    return [out.token_ids for out in engine.run(PROMPTS, [greedy_exact(n)] * len(PROMPTS))]
 
 
 def test_int8_greedy_matches_bf16(qwen05_gguf):

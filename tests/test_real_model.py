@@ -56,12 +56,9 @@ def test_greedy_48_tokens_identical_on_8_prompts(models, prompts, qwen05_gguf):
     ours, config, hf = models
     engine = LLMEngine(load(qwen05_gguf, "float32"), EngineConfig(dtype="float32", kv_cache_memory=0.25))
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished():
-        done |= {o.request_id: o.token_ids for o in engine.step() if o.finished}
-    for rid, prompt in zip(ids, prompts):
-        assert done[rid] == hf_greedy(hf, prompt, 48), engine.tokenizer.decode(prompt)
+    outputs = engine.run(prompts, [params] * len(prompts))
+    for out, prompt in zip(outputs, prompts):
+        assert out.token_ids == hf_greedy(hf, prompt, 48), engine.tokenizer.decode(prompt)
 
 
 def test_generate_command_writes_a_working_fibonacci(tmp_path):

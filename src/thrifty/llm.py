@@ -27,17 +27,8 @@ class LLM:
         per_prompt = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for prompt, p in zip(prompts, per_prompt):  # validate all before queueing any
-            self.engine.validate(prompt, p)
-        ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, per_prompt)]
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
-        return [done[i] for i in ids]
+        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            return self.engine.run(list(prompts), per_prompt, on_finish=lambda _: bar.update(1))
 
     def chat(self, conversations: list[dict] | Seq[list[dict]], params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:

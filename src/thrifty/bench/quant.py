@@ -65,13 +65,7 @@ def _greedy(loaded, prompts: list[list[int]], n: int) -> list[list[int]]:
     from thrifty.bench.engine_run import greedy_exact, make_engine
 
     engine = make_engine(loaded, max_num_seqs=len(prompts), kv_cache_memory=0.5, max_num_batched_tokens=4096)
-    ids = [engine.add_request(p, greedy_exact(n)) for p in prompts]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return [done[i] for i in ids]
+    return [out.token_ids for out in engine.run(prompts, [greedy_exact(n)] * len(prompts))]
 
 
 def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int) -> tuple[float, float]:

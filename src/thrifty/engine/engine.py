@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -139,6 +140,21 @@ class LLMEngine:
         if seq is not None:
             seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ABORT
         return seq is not None
+
+    def run(self, prompts: list[str | list[int]], params: list[SamplingParams],
+            on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Add every request (all validated first), step until all finish; final outputs in the prompts' order."""
+        for prompt, p in zip(prompts, params, strict=True):
+            self.validate(prompt, p)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if on_finish is not None:
+                        on_finish(out)
+        return [done[i] for i in ids]
 
     def abort_all(self) -> None:
         for request_id in list(self._requests):
