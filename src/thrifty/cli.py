@@ -101,6 +101,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     suites = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
     if "quant" not in suites.choices:
         quant.add_parser(suites)
+    if "router" not in suites.choices:
+        from thrifty.bench import router
+
+        router.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -108,6 +112,11 @@ def _run_bench(args: argparse.Namespace) -> None:
         from thrifty.bench.quant import run as run_quant
 
         run_quant(args)
+        return
+    if getattr(args, "bench_command", None) == "router":
+        from thrifty.bench.router import run as run_router
+
+        run_router(args)
         return
     from thrifty.bench.command import run
 
@@ -122,6 +131,18 @@ def _cache(sub: argparse._SubParsersAction) -> None:
 
 def _run_cache(args: argparse.Namespace) -> None:
     from thrifty.gateway.cache.command import run
+
+    run(args)
+
+
+def _router(sub: argparse._SubParsersAction) -> None:
+    from thrifty.gateway.router_command import add_parser
+
+    add_parser(sub)
+
+
+def _run_router(args: argparse.Namespace) -> None:
+    from thrifty.gateway.router_command import run
 
     run(args)
 
@@ -177,7 +198,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
             "serve": (_serve, _run_serve), "bench": (_bench, _run_bench),
-            "quantize": (_quantize, _run_quantize), "eval": (_eval, _run_eval), "cache": (_cache, _run_cache)}
+            "quantize": (_quantize, _run_quantize), "eval": (_eval, _run_eval), "cache": (_cache, _run_cache),
+            "router": (_router, _run_router)}
 
 
 def build_parser() -> argparse.ArgumentParser:

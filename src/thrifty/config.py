@@ -16,6 +16,18 @@
       enabled: true
       store: embedded                      # embedded (SQLite + FAISS under $THRIFTY_HOME) | redis
       semantic: false                      # opt in: answers similar questions (MiniLM + guard)
+    model_list:                            # tiers, cheapest first (LiteLLM-like); none: one tier from `model`
+      - name: small
+        model: qwen2.5-coder-0.5b-instruct
+        price: {input: auto, cached_input: auto, output: auto}   # USD per 1M tokens, or auto
+      - name: cloud
+        model: gpt-4o-mini                 # the remote model name
+        api_base: https://example.invalid/v1
+        api_key_env: CLOUD_API_KEY         # read from the environment; never logged
+        price: {input: 0.15, cached_input: 0.075, output: 0.60}
+    router:                                # `model: auto` routes; naming a tier pins it
+      strategy: cascade                    # fixed | classifier | cascade
+      machine_usd_per_hour: 0.10           # what `auto` prices are derived from
 
 Importing this module is cheap (no torch); `ThriftyConfig.engine_config()` checks the engine fields.
 """
@@ -50,6 +62,7 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20            # larger request bodies: 413
     shutdown_timeout_s: float = 30.0         # SIGTERM: finish running requests up to this long
     log_level: str = "info"
+    ledger_path: str | None = None           # the cost ledger (SQLite); default $THRIFTY_HOME/ledger/ledger.sqlite3
 
     def __post_init__(self) -> None:
         for name in ("max_waiting_requests", "max_output_tokens", "max_body_bytes"):
@@ -110,12 +123,97 @@ class CacheSettings:
         return 0.05 if self.store == "redis" else 1.0
 
 
+AUTO = "auto"
+STRATEGIES = ("fixed", "classifier", "cascade")
+CASCADE_CHECKS = ("code", "logprob", "code+logprob")
+
+
+@dataclass(slots=True)
+class PriceSettings:
+    """USD per 1M tokens. `auto` (local tiers only): derived from router.machine_usd_per_hour and the
+    throughput measured on this machine (thrifty.gateway.costs)."""
+    input: float | str = AUTO
+    cached_input: float | str = AUTO         # auto: the input price x cached_input_fraction (local: auto)
+    output: float | str = AUTO
+
+    def __post_init__(self) -> None:
+        for name in ("input", "cached_input", "output"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v != AUTO:
+                raise ConfigError(f"price.{name} must be a number (USD per 1M tokens) or 'auto', got {v!r}")
+            if isinstance(v, float) and v < 0:
+                raise ConfigError(f"price.{name} must be >= 0, got {v}")
+
+    @property
+    def is_auto(self) -> bool:
+        return AUTO in (self.input, self.cached_input, self.output)
+
+
+@dataclass(slots=True)
+class TierSettings:
+    """One backend the router can send a request to: the local engine, or a remote OpenAI-compatible API."""
+    name: str = ""
+    model: str = ""                          # local: zoo name / .gguf / HF folder; remote: the remote model name
+    engine: dict[str, Any] = field(default_factory=dict)   # local: EngineConfig fields
+    api_base: str | None = None              # set: a remote tier (base URL ending in /v1)
+    api_key_env: str | None = None           # remote: the API key is read from this environment variable
+    price: PriceSettings | None = None       # required
+    timeout_s: float = 120.0                 # a request slower than this counts as a failure (fallback)
+
+    @property
+    def remote(self) -> bool:
+        return self.api_base is not None
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    """How `model: auto` picks a tier (tiers are ordered cheapest first), and how failures fall back."""
+    strategy: str = "fixed"                  # fixed | classifier | cascade
+    tier: str | None = None                  # fixed: the tier (default: the first)
+    threshold: float | None = None           # classifier: P(cheapest tier fails) above it -> next tier;
+                                             # cascade: confidence (exp of mean token logprob) below it -> escalate.
+                                             # None: what `thrifty router calibrate` stored, else 0.5
+    classifier_path: str | None = None       # default $THRIFTY_HOME/router/classifier.json
+    calibration_path: str | None = None      # default $THRIFTY_HOME/router/calibration.json
+    check: str = "code+logprob"              # cascade: code | logprob | code+logprob
+    sandbox_timeout_s: float = 5.0           # cascade code check: per answer
+    sandbox_memory_mb: int = 512
+    machine_usd_per_hour: float = 0.10       # auto prices: what this machine costs
+    cached_input_fraction: float = 0.1       # auto cached-input price = input price x this
+    retries: int = 1                         # per tier, before falling to the next
+    backoff_s: float = 0.5                   # first retry waits this long, then doubles
+    cooldown_s: float = 30.0                 # a tier that failed is skipped this long
+    fallback: bool = True                    # a failing tier falls to the next one
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"router.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.check not in CASCADE_CHECKS:
+            raise ConfigError(f"router.check must be one of {', '.join(CASCADE_CHECKS)}, got {self.check!r}")
+        if self.machine_usd_per_hour < 0 or self.retries < 0 or self.backoff_s < 0 or self.cooldown_s < 0:
+            raise ConfigError("router.machine_usd_per_hour, retries, backoff_s and cooldown_s must be >= 0")
+
+
+DEFAULT_TIERS = (("small", "qwen2.5-coder-0.5b-instruct"), ("large", "qwen2.5-coder-1.5b-instruct"))
+
+
 @dataclass(slots=True)
 class ThriftyConfig:
     model: str = DEFAULT_MODEL
     engine: dict[str, Any] = field(default_factory=dict)
     server: ServerSettings = field(default_factory=ServerSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    model_list: list[TierSettings] | None = None
+    router: RouterSettings | None = None
+
+    def tiers(self) -> list[TierSettings]:
+        """The tiers, cheapest first: model_list; else small + large when a router is configured; else one
+        tier serving `model`."""
+        if self.model_list is not None:
+            return list(self.model_list)
+        if self.router is not None:
+            return [TierSettings(name, model, price=PriceSettings()) for name, model in DEFAULT_TIERS]
+        return [TierSettings(self.served_model_name(), self.model, dict(self.engine), price=PriceSettings())]
 
     def engine_config(self):
         """The engine section as an EngineConfig (imports torch)."""
@@ -163,11 +261,24 @@ def _build(cls: type, data: Any, where: str) -> Any:
     values = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(hints[key]):
-            values[key] = _build(hints[key], value or {}, name)
-        else:
-            values[key] = _check_type(value, hints[key], name)
+        values[key] = _build_value(hints[key], value, name)
     return cls(**values)
+
+
+def _build_value(hint: Any, value: Any, where: str) -> Any:
+    """A dataclass, a list of dataclasses (optional or not) from YAML data; other values type-checked."""
+    options = [o for o in typing.get_args(hint) if o is not type(None)] if isinstance(hint, types.UnionType) \
+        else [hint]
+    if value is None and len(options) < len(typing.get_args(hint) or (hint,)):
+        return None
+    inner = options[0] if len(options) == 1 else None
+    if inner is not None and dataclasses.is_dataclass(inner):
+        return _build(inner, value or {}, where)
+    if inner is not None and typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_build(typing.get_args(inner)[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    return _check_type(value, hint, where)
 
 
 def load_config(path: str | Path | None = None) -> ThriftyConfig:
