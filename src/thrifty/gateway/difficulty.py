@@ -56,7 +56,7 @@ class DifficultyModel:
             l2: float | None = None, seed: int = 0) -> DifficultyModel:
         """Fit on labels y (1: the cheap tier failed); l2 None: chosen by 5-fold cross-validation."""
         y = np.asarray(y, dtype=np.float64)
-        if len(y) < 10 or y.min() == y.max():
+        if len(y) < 4 or y.min() == y.max():
             raise ThriftyError(f"cannot train a router on {len(y)} labels with {int(y.sum())} failures",
                                "label more problems (both outcomes must occur)")
         if l2 is None:
