@@ -1,19 +1,27 @@
-"""The FastAPI app: OpenAI routes, health, metrics; a guard middleware for API keys, body size and counting."""
+"""The FastAPI app: OpenAI routes, the cost report, health, metrics; a guard middleware for API keys,
+body size and counting.
+
+Every generation goes cache -> gateway (route, fallback, cascade, cost ledger) -> tier. Responses carry
+`x-thrifty-route: <tier>; <reason>` and, when the answer is whole before the headers go out (no
+streaming), `x-thrifty-cost: <USD>`; a streamed answer's cost is in the ledger (GET /v1/thrifty/report).
+"""
 from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from thrifty.config import CacheSettings, ServerSettings
+from thrifty.config import CacheSettings, RouterSettings, ServerSettings
 from thrifty.engine.async_engine import AsyncEngine
 from thrifty.errors import ThriftyError
+from thrifty.gateway.gateway import Gateway
 from thrifty.server import schemas as s
 from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response, validation_error
 from thrifty.server.caching import ServerCache
@@ -104,7 +112,9 @@ class _Guard:
         return replay, None
 
 
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/thrifty/report", "/health", "/metrics")
+ROUTE_HEADER = "x-thrifty-route"
+COST_HEADER = "x-thrifty-cost"
 
 
 class _Stream(StreamingResponse):
@@ -126,17 +136,51 @@ class _Stream(StreamingResponse):
 def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | None = None,
                api_key: str | None = None, aliases: tuple[str, ...] = (), cache=None,
                cache_settings: CacheSettings | None = None) -> FastAPI:
-    """The OpenAI-compatible app for one engine. `api_key` None: no authentication. `cache`: a
+    """The OpenAI-compatible app for one engine: a gateway with one free local tier named `model_name`
+    (its cost ledger in memory). `api_key` None: no authentication. `cache`: a
     thrifty.gateway.cache.ResponseCache (None: no response cache, no coalescing)."""
+    from thrifty.gateway.backends import LocalBackend
+    from thrifty.gateway.costs import FREE
+    from thrifty.gateway.gateway import Tier
+    from thrifty.gateway.router import FixedRouter
+
+    tier = Tier(model_name, LocalBackend(model_name, engine), FREE, tuple(aliases))
+    gateway = Gateway([tier], FixedRouter(model_name), RouterSettings(retries=0))
+    return create_gateway_app(gateway, settings, api_key, cache, cache_settings)
+
+
+async def _primed(source: AsyncIterator) -> AsyncIterator:
+    """`source` with its first output already awaited: routing and fallback are done before the
+    response's headers (its first bytes) go out."""
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        first = None
+
+    async def chained() -> AsyncIterator:
+        try:
+            if first is not None:
+                yield first
+                async for out in source:
+                    yield out
+        finally:
+            await source.aclose()
+
+    return chained()
+
+
+def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None, api_key: str | None = None,
+                       cache=None, cache_settings: CacheSettings | None = None) -> FastAPI:
+    """The OpenAI-compatible app over a gateway's tiers (thrifty.gateway.tiers.build_gateway)."""
     settings = settings or ServerSettings()
-    client = EngineClient(engine, model_name, settings, aliases)
+    client = EngineClient(gateway, settings)
     client.cache = ServerCache(client, cache, cache_settings or CacheSettings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         client.draining = True
-        await engine.shutdown()
+        await gateway.close()
         if cache is not None:
             await cache.drain()
             cache.close()
@@ -164,22 +208,36 @@ def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | 
     async def _on_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
+    def route_headers(p: Prepared) -> dict[str, str]:
+        out = {}
+        route = p.route or gateway.static_route(p.target)
+        if route:
+            out[ROUTE_HEADER] = route.encode("ascii", "replace").decode()
+        if p.cost is not None:
+            out[COST_HEADER] = f"{p.cost:.8f}"
+        return out
+
     async def run(prepared: Prepared, body: s.CompletionRequest | s.ChatCompletionRequest, request: Request,
                   chat: bool) -> Response:
         try:  # the cache answers, or joins an identical request in flight, or starts the generation
             source, headers = await client.cache.source(prepared, client.cache.plan(prepared, body, request, chat))
+            if source is None:
+                source = client.generate(prepared)
+            if prepared.stream and gateway.static_route(prepared.target) is None:
+                source = await _primed(source)  # several tiers: fallback must be over before the first byte
         except BaseException:
             client.release(prepared)
             raise
         if prepared.stream:
-            return _Stream(client.stream(prepared, chat, source), client, prepared, headers)
+            return _Stream(client.stream(prepared, chat, source), client, prepared,
+                           {**headers, **route_headers(prepared)})
         try:
             result = await (client.chat if chat else client.complete)(prepared, request.is_disconnected, source)
         finally:
             client.release(prepared)
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(result.model_dump(mode="json"), headers=headers)
+        return JSONResponse(result.model_dump(mode="json"), headers={**headers, **route_headers(prepared)})
 
     @app.post("/v1/completions", response_model=s.CompletionResponse,
               responses={200: _STREAM_DOC, **_ERRORS})
@@ -193,8 +251,26 @@ def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | 
 
     @app.get("/v1/models", response_model=s.ModelList, responses={401: _ERRORS[401]})
     async def models() -> s.ModelList:
-        return s.ModelList(data=[s.ModelCard(id=client.model_name, created=client.created,
-                                             max_model_len=client.max_model_len)])
+        def context(name: str) -> int | None:
+            engine = gateway.local_engine(None if name == "auto" else name)
+            return engine.engine.max_model_len if engine is not None and name != "auto" else None
+
+        return s.ModelList(data=[s.ModelCard(id=name, created=client.created, max_model_len=context(name))
+                                 for name in gateway.listed_names()])
+
+    @app.get("/v1/thrifty/report", responses={401: _ERRORS[401], 400: _ERRORS[400]})
+    async def report(since: str | None = None) -> Response:
+        """Cost and savings from the ledger, by tier and overall (`since`: an ISO 8601 date or time)."""
+        from thrifty.errors import InvalidRequestError
+        from thrifty.gateway.ledger import parse_since
+
+        try:
+            start = parse_since(since)
+        except ThriftyError as e:
+            raise InvalidRequestError(e.message, "use e.g. 2025-01-31 or 2025-01-31T08:00:00+00:00",
+                                      param="since") from None
+        result = await run_in_threadpool(gateway.ledger.report, start, gateway.names)
+        return JSONResponse(result.as_dict())
 
     @app.get("/health", response_model=s.Health)
     async def health() -> Response:

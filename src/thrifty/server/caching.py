@@ -12,9 +12,15 @@ format and the response headers:
 A cached answer is replayed as RequestOutputs in word-sized pieces, so `stream=true` gets a proper SSE
 stream. Its usage says what happened: prompt_tokens_details.cached_tokens == prompt_tokens (nothing was
 computed), completion_tokens is the stored answer's length; the engine's token counters do not move.
+
+The cache sits in front of routing: a hit never asks the router. Keys use the model the request names
+(a tier and its aliases share entries; `auto` has its own), and entries remember the tier that produced
+them, so the cost ledger can book a hit (or a coalesced request) as costing 0 and saving what it would
+have cost on that tier.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -58,7 +64,20 @@ class ServerCache:
         self.cache = cache
         self.settings = settings
         self.coalescer = Coalescer()
-        self.model_id = _model_identity(client.model_name, client.accepted_names)
+        self._model_ids: dict[str | None, str] = {}
+
+    def model_id(self, target: str | None) -> str:
+        """The cache's model identity of a pinned tier (its name and aliases), or of `auto` (every tier
+        and the routing strategy: another router may answer differently)."""
+        if target not in self._model_ids:
+            gw = self.client.gateway
+            if target is None:
+                parts = ["auto", gw.router.strategy] + [self.model_id(t) for t in gw.names]
+                self._model_ids[None] = "||".join(parts)
+            else:
+                tier = gw.tiers[target]
+                self._model_ids[target] = _model_identity(target, {target, *tier.aliases})
+        return self._model_ids[target]
 
     @property
     def enabled(self) -> bool:
@@ -78,8 +97,10 @@ class ServerCache:
         text, context = self._semantic_parts(body, chat)
         if text is not None and len(text) > self.settings.semantic_max_chars:
             text = None
-        return build_request(tenant=tenant, namespace=self.settings.namespace, model=self.model_id,
-                             endpoint="chat" if chat else "completions", prompt_ids=p.prompt_ids, context=context,
+        # no local tokenizer (a remote tier): the request's own bytes are its exact key
+        ids = p.prompt_ids or list(json.dumps(p.messages if chat else p.prompt, sort_keys=True).encode())
+        return build_request(tenant=tenant, namespace=self.settings.namespace, model=self.model_id(p.target),
+                             endpoint="chat" if chat else "completions", prompt_ids=ids, context=context,
                              text=text, params=p.params, controls=controls, default_ttl_s=self.settings.ttl_s)
 
     @staticmethod
@@ -113,6 +134,9 @@ class ServerCache:
             hit = await self.cache.lookup(plan)
             metrics.cache_lookup.observe(time.perf_counter() - start)
             if hit is not None:
+                r = hit.entry.response
+                self.client.gateway.book_cached(p, r.get("tier"), hit.kind, self._prompt_tokens(p, r),
+                                                int(r.get("completion_tokens", 0)))
                 return self._replay(p, hit), self._hit_headers(hit)
         if self.settings.coalesce and plan.read:
             outputs, leader = self.coalescer.join(plan.key, lambda: self.client.generate(p),
@@ -121,7 +145,7 @@ class ServerCache:
                 metrics.cache_requests.labels("miss").inc()
                 return outputs, {HEADER: "miss"}
             metrics.cache_requests.labels("coalesced").inc()
-            return self._as_follower(outputs), {HEADER: "coalesced"}
+            return self._as_follower(p, outputs), {HEADER: "coalesced"}
         metrics.cache_requests.labels("miss").inc()
         return self._store_after(p, plan), {HEADER: "miss"}
 
@@ -137,32 +161,39 @@ class ServerCache:
         if self.cache is not None and out.finished and out.finish_reason in ("stop", "length"):
             self.cache.save_in_background(plan, {
                 "text": out.text, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                "prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens})
+                "prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens,
+                "tier": getattr(out, "tier", None)})
 
     async def _store_after(self, p: Prepared, plan: CacheRequest) -> AsyncIterator[RequestOutput]:
-        last = None
         async for out in self.client.generate(p):
-            last = out
+            if out.finished:  # stored before it is handed on: a consumer may stop right after the last output
+                await self._finished(plan, out)
             yield out
-        if last is not None:
-            await self._finished(plan, last)
 
-    async def _as_follower(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """A coalesced request computed nothing itself: its usage says all of its prompt was cached."""
+    async def _as_follower(self, p: Prepared, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """A coalesced request computed nothing itself: its usage says all of its prompt was cached, and
+        the ledger books it as free (saving what the leader's tier charged)."""
         served = 0
         async for out in outputs:
             u = out.usage
             usage = Usage(u.prompt_tokens, u.prompt_tokens, u.completion_tokens, None, None)
             served = u.completion_tokens
+            if out.finished:
+                self.client.gateway.book_cached(p, getattr(out, "tier", None), "coalesced", u.prompt_tokens,
+                                                u.completion_tokens)
             yield RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, out.text, out.token_ids,
                                 out.delta_text, out.delta_token_ids, out.finished, out.finish_reason,
                                 out.stop_reason, out.logprobs, usage)
         self.client.metrics.cache_served_tokens.labels("coalesced").inc(served)
 
+    @staticmethod
+    def _prompt_tokens(p: Prepared, r: dict) -> int:
+        return len(p.prompt_ids) if p.prompt_ids else int(r.get("prompt_tokens", 0))
+
     async def _replay(self, p: Prepared, hit: Hit) -> AsyncIterator[RequestOutput]:
         r = hit.entry.response
         text = str(r.get("text", ""))
-        n_prompt = len(p.prompt_ids)
+        n_prompt = self._prompt_tokens(p, r)
         usage = Usage(n_prompt, n_prompt, int(r.get("completion_tokens", 0)), None, None)
         pieces = _PIECE.findall(text) or [""]
         so_far = ""

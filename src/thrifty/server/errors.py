@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 
 from thrifty.errors import (InvalidRequestError, ModelFileError, ModelNotFoundError, ThriftyError,
                             UnsupportedModelError)
+from thrifty.gateway.backends import BackendError, TierTimeoutError
 
 log = logging.getLogger("thrifty.server")
 
@@ -58,6 +59,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ServerBusyError, 429, "rate_limit_error", "server_busy"),
     (ShuttingDownError, 503, "service_unavailable_error", "shutting_down"),
     (InvalidRequestError, 400, "invalid_request_error", None),
+    (TierTimeoutError, 504, "server_error", "tier_timeout"),
+    (BackendError, 502, "server_error", "tier_failed"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (ModelFileError, 500, "server_error", None),
     (UnsupportedModelError, 500, "server_error", None),

@@ -20,30 +20,60 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineCollector(Collector):
-    """Gauges that are read from the engine at scrape time (running / waiting, KV blocks, prefix cache)."""
+    """Gauges that are read from the engines at scrape time (running / waiting, KV blocks, prefix cache),
+    summed over the local tiers."""
 
     def __init__(self, client: EngineClient) -> None:
         self.client = client
 
     def collect(self) -> Iterator:
-        engine = self.client.engine.engine
-        bm = engine.block_manager
-        running = len(engine.scheduler.running)
+        engines = [e.engine for e in self.client.gateway.local_engines()]
+        bms = [e.block_manager for e in engines]
+        running = sum(len(e.scheduler.running) for e in engines)
         yield GaugeMetricFamily("thrifty_num_requests_running", "Sequences in the running batch", running)
         yield GaugeMetricFamily("thrifty_num_requests_waiting", "Requests accepted but not yet running",
                                 self.client.num_waiting())
-        free = bm.num_free_blocks
-        yield GaugeMetricFamily("thrifty_kv_blocks_total", "KV cache blocks", bm.num_blocks)
+        total, free = sum(bm.num_blocks for bm in bms), sum(bm.num_free_blocks for bm in bms)
+        yield GaugeMetricFamily("thrifty_kv_blocks_total", "KV cache blocks", total)
         yield GaugeMetricFamily("thrifty_kv_blocks_free", "KV cache blocks free (cached-but-unreferenced included)",
                                 free)
-        yield GaugeMetricFamily("thrifty_kv_blocks_used", "KV cache blocks held by requests", bm.num_blocks - free)
-        stats = bm.stats
+        yield GaugeMetricFamily("thrifty_kv_blocks_used", "KV cache blocks held by requests", total - free)
+        queries, hits = sum(bm.stats.queries for bm in bms), sum(bm.stats.hits for bm in bms)
         yield GaugeMetricFamily("thrifty_prefix_cache_hit_rate", "Prefix-cache hit tokens / query tokens",
-                                stats.hit_rate)
+                                hits / queries if queries else 0.0)
         yield CounterMetricFamily("thrifty_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                  stats.queries)
-        yield CounterMetricFamily("thrifty_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  stats.hits)
+                                  queries)
+        yield CounterMetricFamily("thrifty_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
+
+
+class _CostCollector(Collector):
+    """The cost ledger's running totals of this process (thrifty.gateway.ledger), read at scrape time.
+    Saved by routing can shrink (an escalated cascade pays twice), so it is a gauge, not a counter."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator:
+        live = self.client.gateway.ledger.live
+        cost = CounterMetricFamily("thrifty_cost_usd", "USD spent, by tier (escalated answers included)",
+                                   labels=["tier"])
+        requests = CounterMetricFamily("thrifty_tier_requests", "Requests answered, by tier", labels=["tier"])
+        for name in self.client.gateway.names:
+            t = live.get(name)
+            cost.add_metric([name], t.cost_usd if t else 0.0)
+            requests.add_metric([name], t.requests if t else 0)
+        yield cost
+        yield requests
+        totals = list(live.values())
+        yield CounterMetricFamily("thrifty_baseline_cost_usd", "USD the same requests would have cost on the "
+                                  "baseline tier alone", sum(t.baseline_usd for t in totals))
+        cache = sum(t.saved_cache_usd for t in totals)
+        routing = sum(t.saved_routing_usd for t in totals)
+        saved = GaugeMetricFamily("thrifty_saved_usd", "USD saved against the baseline, by reason",
+                                  labels=["reason"])
+        saved.add_metric(["routing"], routing)
+        saved.add_metric(["cache"], cache)
+        yield saved
 
 
 class _CacheCollector(Collector):
@@ -101,6 +131,7 @@ class ServerMetrics:
                                           registry=r, buckets=(0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0))
         r.register(_EngineCollector(client))
         r.register(_CacheCollector(client))
+        r.register(_CostCollector(client))
 
     def observe_finished(self, out: RequestOutput, duration_s: float) -> None:
         u = out.usage

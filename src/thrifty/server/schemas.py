@@ -202,7 +202,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "thrifty"
-    max_model_len: int
+    max_model_len: int | None = None         # None: a remote tier, or `auto`
 
 
 class ModelList(BaseModel):

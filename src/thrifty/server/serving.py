@@ -1,9 +1,11 @@
-"""OpenAI requests -> engine requests -> OpenAI responses (whole or streamed as SSE).
+"""OpenAI requests -> gateway requests -> OpenAI responses (whole or streamed as SSE).
 
-`EngineClient` holds the engine, the served model name and the server limits. `prepare_completion` /
-`prepare_chat` check a request and turn it into prompt ids + SamplingParams; `complete` / `chat` answer
-with one JSON object, `stream` with SSE chunks. Every check that can fail happens before anything is
-queued in the engine, so bad input changes no state.
+`EngineClient` holds the gateway (the tiers: local engines and remote APIs, thrifty.gateway.gateway) and
+the server limits. `prepare_completion` / `prepare_chat` check a request and turn it into prompt ids +
+SamplingParams (tokenized and checked on the local engine of the tier it names; `auto`: the cheapest
+local tier; a pinned remote tier: the remote checks); `complete` / `chat` answer with one JSON object,
+`stream` with SSE chunks. Every check that can fail happens before anything is queued, so bad input
+changes no state.
 """
 from __future__ import annotations
 
@@ -12,16 +14,19 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from thrifty.config import ServerSettings
-from thrifty.engine.async_engine import AsyncEngine
 from thrifty.engine.engine import RequestOutput
 from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import InvalidRequestError
 from thrifty.server import schemas as s
+from thrifty.gateway.backends import TextLogprob, prompt_ids
 from thrifty.server.errors import ModelNotServedError, ServerBusyError, ShuttingDownError, classify
+
+if TYPE_CHECKING:
+    from thrifty.gateway.gateway import Gateway
 
 IsDisconnected = Callable[[], Awaitable[bool]]
 
@@ -33,50 +38,69 @@ def _unsupported(param: str, what: str) -> InvalidRequestError:
 
 @dataclass(slots=True)
 class Prepared:
-    """A request that passed every check: what goes to the engine and how to answer."""
+    """A request that passed every check: what goes to the gateway and how to answer."""
 
     request_id: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]           # tokenized by `tokenizer` (empty for a pinned remote tier)
     params: SamplingParams
     stream: bool
     include_usage: bool
     top_logprobs: int | None        # None: no logprobs in the answer
     admitted: bool = False          # counted in the server's active requests until released
+    chat: bool = False
+    messages: list[dict] | None = None   # chat, as {"role", "content"}
+    prompt: Any = None                   # completions: text or token ids
+    tokenizer: Any = None
+    forward: dict[str, Any] = field(default_factory=dict)  # the client's OpenAI fields, for remote tiers
+    target: str | None = None       # the tier the request names; None: `auto`
+    requested: str = ""             # the model name as sent
+    model: str = ""                 # the model name the answer shows (set to the tier that answered)
+    tier: str | None = None         # set by the gateway / the cache
+    route: str | None = None        # "tier; reason" (x-thrifty-route)
+    cost: float | None = None       # USD (x-thrifty-cost)
+
+
+# OpenAI fields a remote tier is not sent from the client's body (the gateway sets or replaces them)
+_NOT_FORWARDED = {"model", "stream", "stream_options", "cache", "messages", "prompt"}
 
 
 class EngineClient:
-    def __init__(self, engine: AsyncEngine, model_name: str, settings: ServerSettings,
-                 aliases: tuple[str, ...] = ()) -> None:
+    def __init__(self, gateway: Gateway, settings: ServerSettings) -> None:
         from thrifty.server.metrics import ServerMetrics
 
-        self.engine = engine
-        self.model_name = model_name
-        self.accepted_names = {model_name, *aliases}
+        self.gateway = gateway
+        self.engine = gateway.local_engine(None)   # the cheapest local tier's AsyncEngine (None: all remote)
+        self.model_name = gateway.names[0]
+        self.accepted_names = gateway.accepted_names()
         self.settings = settings
         self.created = int(time.time())
         self.draining = False
         self._active = 0
-        self._token_cache: dict[int, tuple[str, list[int]]] = {}
-        self._byte_level = self.tokenizer.token_to_id("\u0120") is not None  # GPT-2 byte alphabet's space
+        self._token_cache: dict[tuple[int, int], tuple[str, list[int]]] = {}
+        self._byte_level: dict[int, bool] = {}
         self.metrics = ServerMetrics(self)
 
     # ---- state -------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.engine.tokenizer if self.engine is not None else None
 
     @property
-    def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+    def max_model_len(self) -> int | None:
+        return self.engine.engine.max_model_len if self.engine is not None else None
 
     def num_waiting(self) -> int:
-        """Requests this server accepted that the engine is not yet running."""
-        return max(0, self._active - len(self.engine.engine.scheduler.running))
+        """Requests this server accepted that no engine is running yet (remote ones count as waiting)."""
+        running = sum(len(e.engine.scheduler.running) for e in self.gateway.local_engines())
+        return max(0, self._active - running)
 
     # ---- checks ------------------------------------------------------------------------------------
-    def check_model(self, name: str) -> None:
-        if name not in self.accepted_names:
-            raise ModelNotServedError(name, self.model_name)
+    def check_model(self, name: str) -> str | None:
+        """The tier `name` pins (None: `auto`), or ModelNotServedError."""
+        served, target = self.gateway.resolve(name)
+        if not served:
+            raise ModelNotServedError(name, "', '".join(self.gateway.listed_names()))
+        return target
 
     def admit(self, p: Prepared) -> None:
         """Count `p` as active, or ServerBusyError when the waiting queue is full; release() undoes it."""
@@ -95,29 +119,32 @@ class EngineClient:
             p.admitted = False
             self._active -= 1
 
-    def _max_tokens(self, requested: int | None, num_prompt: int, default: int | None) -> int:
+    def _max_tokens(self, requested: int | None, num_prompt: int, default: int | None,
+                    max_model_len: int | None) -> int:
         limit = self.settings.max_output_tokens
-        room = self.max_model_len - num_prompt
+        if max_model_len is None:  # a remote tier: it knows its own context
+            max_model_len = 1 << 62
+        room = max_model_len - num_prompt
         if requested is not None and requested > limit:
             raise InvalidRequestError(f"max_tokens is {requested}, above this server's limit of {limit}",
                                       f"ask for at most {limit} tokens", param="max_tokens")
         if requested is not None and requested > room:
             raise InvalidRequestError(
-                f"this model's context holds {self.max_model_len} tokens, but {num_prompt + requested} were "
+                f"this model's context holds {max_model_len} tokens, but {num_prompt + requested} were "
                 f"requested ({num_prompt} in the prompt, {requested} for the output)",
                 "shorten the prompt or lower max_tokens", param="max_tokens")
         if requested is not None:
             return requested
         return max(1, min(default or limit, limit, room))
 
-    def _check_prompt(self, ids: list[int], param: str) -> None:
+    def _check_prompt(self, ids: list[int], param: str, max_model_len: int) -> None:
         limit = self.settings.max_prompt_tokens
         if limit is not None and len(ids) > limit:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, above this server's limit of {limit}",
                                       "shorten the prompt", param=param)
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= max_model_len:
             raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; this model's context holds {self.max_model_len} "
+                f"the prompt has {len(ids)} tokens; this model's context holds {max_model_len} "
                 "(prompt plus at least one output token)", "shorten the prompt", param=param)
 
     def _params(self, req: s._SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -134,17 +161,26 @@ class EngineClient:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
 
     def _finish_prepare(self, prefix: str, req: s._SamplingFields, ids: list[int], param: str,
-                        requested_max: int | None, default_max: int | None, top_logprobs: int | None) -> Prepared:
-        self._check_prompt(ids, param)
-        params = self._params(req, self._max_tokens(requested_max, len(ids), default_max), top_logprobs)
-        self.engine.engine.validate(ids, params)
+                        requested_max: int | None, default_max: int | None, top_logprobs: int | None,
+                        engine: Any, target: str | None, **request: Any) -> Prepared:
+        """Checks on `engine` (the local engine of the tier; None: a remote tier checks for itself)."""
+        max_len = engine.engine.max_model_len if engine is not None else None
+        if engine is not None:
+            self._check_prompt(ids, param, max_len)
+        params = self._params(req, self._max_tokens(requested_max, len(ids), default_max, max_len), top_logprobs)
+        if engine is not None:
+            engine.engine.validate(ids, params)
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        p = Prepared(f"{prefix}-{uuid.uuid4().hex}", ids, params, bool(req.stream), include_usage, top_logprobs)
+        forward = {k: v for k, v in req.model_dump(exclude_unset=True).items() if k not in _NOT_FORWARDED}
+        p = Prepared(f"{prefix}-{uuid.uuid4().hex}", ids, params, bool(req.stream), include_usage, top_logprobs,
+                     tokenizer=engine.tokenizer if engine is not None else None, forward=forward, target=target,
+                     requested=req.model, model=target or req.model, **request)
         self.admit(p)
         return p
 
     def prepare_completion(self, req: s.CompletionRequest) -> Prepared:
-        self.check_model(req.model)
+        target = self.check_model(req.model)
+        engine = self.gateway.local_engine(target)
         if req.echo:
             raise _unsupported("echo", "echo")
         if req.suffix:
@@ -157,13 +193,17 @@ class EngineClient:
                 raise InvalidRequestError(f"{len(prompt)} prompts in one request; batched prompts are not "
                                           "supported yet", "send one prompt per request", param="prompt")
             prompt = prompt[0]
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
+        if not prompt:
             raise InvalidRequestError("the prompt is empty", "send at least one token", param="prompt")
-        return self._finish_prepare("cmpl", req, ids, "prompt", req.max_tokens, 16, req.logprobs)
+        ids = prompt_ids(engine.tokenizer, False, None, prompt) if engine is not None else []
+        if engine is not None and not ids:
+            raise InvalidRequestError("the prompt is empty", "send at least one token", param="prompt")
+        return self._finish_prepare("cmpl", req, ids, "prompt", req.max_tokens, 16, req.logprobs, engine, target,
+                                    chat=False, prompt=prompt)
 
     def prepare_chat(self, req: s.ChatCompletionRequest) -> Prepared:
-        self.check_model(req.model)
+        target = self.check_model(req.model)
+        engine = self.gateway.local_engine(target)
         if req.tools or req.functions:
             raise _unsupported("tools" if req.tools else "functions", "tool / function calling")
         if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
@@ -175,13 +215,13 @@ class EngineClient:
                                       param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(rendered, add_special_tokens=False)
+        ids = prompt_ids(engine.tokenizer, True, messages, None) if engine is not None else []
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         try:
             top = (req.top_logprobs or 0) if req.logprobs else None
-            return self._finish_prepare("chatcmpl", req, ids, "messages", requested, None, top)
+            return self._finish_prepare("chatcmpl", req, ids, "messages", requested, None, top, engine, target,
+                                        chat=True, messages=messages)
         except InvalidRequestError as e:
             if e.param == "max_tokens":
                 e.param = param
@@ -189,11 +229,11 @@ class EngineClient:
 
     # ---- generation --------------------------------------------------------------------------------
     async def generate(self, p: Prepared) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for `p`; books metrics; leaving early aborts the request."""
+        """The gateway's outputs for `p`; books metrics; leaving early aborts the request."""
         start = time.monotonic()
         last: RequestOutput | None = None
         try:
-            async for out in self.engine.generate(p.prompt_ids, p.params, request_id=p.request_id):
+            async for out in self.gateway.generate(p):
                 last = out
                 yield out
         finally:
@@ -210,32 +250,51 @@ class EngineClient:
                            total_tokens=u.prompt_tokens + u.completion_tokens,
                            prompt_tokens_details=s.PromptTokensDetails(cached_tokens=u.cached_tokens))
 
-    def _token(self, token_id: int) -> tuple[str, list[int]]:
-        """A token's text (undecodable bytes as U+FFFD) and its exact bytes, as OpenAI's logprobs show them."""
-        cached = self._token_cache.get(token_id)
+    def _token(self, token: int | str, tokenizer: Any = None) -> tuple[str, list[int]]:
+        """A token's text (undecodable bytes as U+FFFD) and its exact bytes, as OpenAI's logprobs show them.
+        A remote tier names its tokens by text already."""
+        if isinstance(token, str):
+            return token, list(token.encode())
+        tokenizer = tokenizer or self.tokenizer
+        key = (id(tokenizer), token)
+        cached = self._token_cache.get(key)
         if cached is None:
-            raw = token_bytes(self.tokenizer, token_id, self._byte_level)
-            cached = self._token_cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+            byte_level = self._byte_level.get(id(tokenizer))
+            if byte_level is None:  # GPT-2 byte alphabet's space
+                byte_level = self._byte_level[id(tokenizer)] = tokenizer.token_to_id("\u0120") is not None
+            raw = token_bytes(tokenizer, token, byte_level)
+            cached = self._token_cache[key] = (raw.decode("utf-8", errors="replace"), list(raw))
         return cached
 
-    def chat_logprobs(self, out: RequestOutput, start: int, end: int, k: int) -> s.ChatLogprobs:
-        content = []
+    def _sampled(self, lp: Any, tokenizer: Any) -> tuple[str, list[int]]:
+        if isinstance(lp, TextLogprob):
+            return lp.token, lp.bytes if lp.bytes is not None else list(lp.token.encode())
+        return self._token(lp.token_id, tokenizer)
+
+    def _tokenizer_of(self, out: RequestOutput, p: Prepared | None) -> Any:
+        """The vocabulary the answer's token ids belong to: the local tier that answered."""
+        tier = self.gateway.tiers.get(p.tier) if p is not None and p.tier else None
+        return tier.backend.tokenizer if tier is not None and not tier.remote else None
+
+    def chat_logprobs(self, out: RequestOutput, start: int, end: int, k: int, p: Prepared | None = None
+                      ) -> s.ChatLogprobs:
+        content, tokenizer = [], self._tokenizer_of(out, p)
         for lp in out.logprobs[start:end]:
-            tok, raw = self._token(lp.token_id)
+            tok, raw = self._sampled(lp, tokenizer)
             top = [s.TopLogprob(token=t, logprob=_finite(v), bytes=b)
-                   for (t, b), v in ((self._token(i), v) for i, v in (lp.top or [])[:k])]
+                   for (t, b), v in ((self._token(i, tokenizer), v) for i, v in (lp.top or [])[:k])]
             content.append(s.TokenLogprob(token=tok, logprob=_finite(lp.logprob), bytes=raw, top_logprobs=top))
         return s.ChatLogprobs(content=content)
 
     def completion_logprobs(self, out: RequestOutput, start: int, end: int, k: int,
-                            offset: int) -> s.CompletionLogprobs:
-        tokens, values, tops, offsets = [], [], [], []
+                            offset: int, p: Prepared | None = None) -> s.CompletionLogprobs:
+        tokens, values, tops, offsets, tokenizer = [], [], [], [], self._tokenizer_of(out, p)
         for lp in out.logprobs[start:end]:
-            tok = self._token(lp.token_id)[0]
+            tok = self._sampled(lp, tokenizer)[0]
             tokens.append(tok)
             values.append(_finite(lp.logprob))
             top = {tok: _finite(lp.logprob)}
-            top.update({self._token(i)[0]: _finite(v) for i, v in (lp.top or [])[:k]})
+            top.update({self._token(i, tokenizer)[0]: _finite(v) for i, v in (lp.top or [])[:k]})
             tops.append(top)
             offsets.append(offset)
             offset += len(tok)
@@ -261,10 +320,10 @@ class EngineClient:
         out = await self.run_to_end(p, is_disconnected, source)
         if out is None:
             return None
-        lps = self.completion_logprobs(out, 0, len(out.logprobs), p.top_logprobs, 0) \
+        lps = self.completion_logprobs(out, 0, len(out.logprobs), p.top_logprobs, 0, p) \
             if p.top_logprobs is not None else None
         choice = s.CompletionChoice(index=0, text=out.text, logprobs=lps, finish_reason=out.finish_reason)
-        return s.CompletionResponse(id=p.request_id, created=int(time.time()), model=self.model_name,
+        return s.CompletionResponse(id=p.request_id, created=int(time.time()), model=p.model,
                                     choices=[choice], usage=self.usage(out))
 
     async def chat(self, p: Prepared, is_disconnected: IsDisconnected,
@@ -272,17 +331,17 @@ class EngineClient:
         out = await self.run_to_end(p, is_disconnected, source)
         if out is None:
             return None
-        lps = self.chat_logprobs(out, 0, len(out.logprobs), p.top_logprobs) if p.top_logprobs is not None else None
+        lps = self.chat_logprobs(out, 0, len(out.logprobs), p.top_logprobs, p) if p.top_logprobs is not None else None
         choice = s.ChatChoice(index=0, message=s.AssistantMessage(content=out.text), logprobs=lps,
                               finish_reason=out.finish_reason)
-        return s.ChatCompletionResponse(id=p.request_id, created=int(time.time()), model=self.model_name,
+        return s.ChatCompletionResponse(id=p.request_id, created=int(time.time()), model=p.model,
                                         choices=[choice], usage=self.usage(out))
 
     async def stream(self, p: Prepared, chat: bool,
                      source: AsyncIterator[RequestOutput] | None = None) -> AsyncIterator[str]:
         """SSE lines: chunks as text arrives, the usage chunk when asked for, then [DONE]."""
         created = int(time.time())
-        common = dict(id=p.request_id, created=created, model=self.model_name)
+        common = dict(id=p.request_id, created=created, model=p.model)
         gen = source if source is not None else self.generate(p)
         sent_lp, offset = 0, 0
         try:
@@ -297,12 +356,12 @@ class EngineClient:
                 reason = out.finish_reason if out.finished else None
                 n = len(out.logprobs)
                 if chat:
-                    lps = self.chat_logprobs(out, sent_lp, n, p.top_logprobs) if p.top_logprobs is not None else None
+                    lps = self.chat_logprobs(out, sent_lp, n, p.top_logprobs, p) if p.top_logprobs is not None else None
                     choice = s.ChatChunkChoice(index=0, delta=s.DeltaMessage(content=out.delta_text),
                                                logprobs=lps, finish_reason=reason)
                     yield _sse(s.ChatCompletionChunk(**common, choices=[choice]))
                 else:
-                    lps = (self.completion_logprobs(out, sent_lp, n, p.top_logprobs, offset)
+                    lps = (self.completion_logprobs(out, sent_lp, n, p.top_logprobs, offset, p)
                            if p.top_logprobs is not None else None)
                     choice = s.CompletionChoice(index=0, text=out.delta_text, logprobs=lps, finish_reason=reason)
                     yield _sse(s.CompletionChunk(**common, choices=[choice]))

@@ -1,0 +1,84 @@
+"""What this machine computes per second on a loaded engine: the input to a local tier's `auto` price.
+
+A short probe (8 prompts of 128 tokens prefilled together, then 8 sequences decoding 32 tokens together)
+on the engine the server will use. The result is kept as JSON under $THRIFTY_HOME/throughput/, keyed by
+the model's identity (path, size, mtime, weight format), the engine options and torch's thread count, so
+the next start on the same machine reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from thrifty import paths
+
+PROBE_SEQS = 8
+PROBE_PREFILL = 128
+PROBE_DECODE = 32
+
+
+@dataclass(slots=True)
+class Throughput:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    measured_at: float                       # Unix time
+    seconds: float                           # how long the probe took
+
+
+def probe_key(engine: Any, options: dict[str, Any]) -> str:
+    """Model identity + engine options + torch threads: a measurement is reused only for the same setup."""
+    import torch
+
+    path = Path(engine.loaded.path)
+    try:
+        st = path.stat()
+        identity = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        identity = [str(path)]
+    data = {"model": identity, "weights": engine.loaded.weights, "dtype": str(engine.loaded.dtype),
+            "options": {k: options[k] for k in sorted(options)}, "threads": torch.get_num_threads()}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, decode: int = PROBE_DECODE) -> Throughput:
+    """Prefill and decode tokens/s of `engine` (an LLMEngine) at a batch of `seqs`."""
+    from thrifty.engine.sampling import SamplingParams
+
+    start = time.perf_counter()
+    vocab = engine.loaded.config.vocab_size
+    prefill = max(1, min(prefill, engine.max_model_len - decode - 2))
+    # distinct prompts, so the prefix cache cannot skip any of the work
+    prompts = [[(17 + 7919 * (i * prefill + j)) % vocab for j in range(prefill)] for i in range(seqs)]
+    t0 = time.perf_counter()
+    engine.run(prompts, [SamplingParams(max_tokens=1, temperature=0.0) for _ in prompts])
+    prefill_s = time.perf_counter() - t0
+    short = [[(29 + 104729 * (i + 1) + j) % vocab for j in range(4)] for i in range(seqs)]
+    params = [SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True) for _ in short]
+    t0 = time.perf_counter()
+    engine.run(short, params)
+    decode_total = time.perf_counter() - t0
+    # the 4-token prefills of the decode run are negligible next to seqs x decode decode steps
+    return Throughput(seqs * prefill / prefill_s, seqs * decode / decode_total, time.time(),
+                      time.perf_counter() - start)
+
+
+def measured_throughput(engine: Any, options: dict[str, Any], home: Path | None = None) -> tuple[Throughput, bool]:
+    """(throughput, reused): the stored measurement for this setup, or a new probe (then stored)."""
+    folder = (home or paths.home()) / "throughput"
+    path = folder / f"{probe_key(engine, options)}.json"
+    try:
+        return Throughput(**json.loads(path.read_text())), True
+    except (OSError, ValueError, TypeError):
+        pass
+    result = measure(engine)
+    # the probe is not traffic: its blocks and counters would only mislead the prefix-cache metrics
+    engine.block_manager.reset_prefix_cache()
+    engine.block_manager.stats = type(engine.block_manager.stats)()
+    engine.stats = type(engine.stats)()
+    with paths.atomic_write(path, "w") as f:
+        f.write(json.dumps(asdict(result), indent=2) + "\n")
+    return result, False
