@@ -147,6 +147,39 @@ def _run_router(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="cost and savings from the cost ledger, by tier and overall")
+    p.add_argument("--since", help="only requests from this ISO 8601 date or time on (e.g. 2025-01-31)")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot cost against the baseline")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--config", help="the serve config: its server.ledger_path and its tiers' order")
+    p.add_argument("--ledger", metavar="FILE", help="the ledger file (default: server.ledger_path, else "
+                                                    "$THRIFTY_HOME/ledger/ledger.sqlite3)")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from thrifty.bench.report import write_json
+    from thrifty.config import load_config
+    from thrifty.gateway.ledger import open_ledger, parse_since
+    from thrifty.gateway.tiers import ledger_path
+
+    config = load_config(args.config)
+    since = parse_since(args.since)
+    ledger = open_ledger(args.ledger or ledger_path(config))
+    try:
+        report = ledger.report(since, [t.name for t in config.tiers()] if args.config else None)
+    finally:
+        ledger.close()
+    print(report.table())
+    t = report.total
+    print(f"\n{t.requests} requests: ${t.cost_usd:.6f} spent, ${t.baseline_usd:.6f} on the baseline tier alone; "
+          f"saved ${t.saved_routing_usd:.6f} by routing and ${t.saved_cache_usd:.6f} by caching")
+    if args.json:
+        print(f"wrote {write_json(args.json, report.as_dict())}")
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
+
+
 def _quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights (RTN, AWQ, GPTQ) into a folder --model can load")
     p.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
@@ -199,7 +232,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
             "serve": (_serve, _run_serve), "bench": (_bench, _run_bench),
             "quantize": (_quantize, _run_quantize), "eval": (_eval, _run_eval), "cache": (_cache, _run_cache),
-            "router": (_router, _run_router)}
+            "router": (_router, _run_router), "report": (_report, _run_report)}
 
 
 def build_parser() -> argparse.ArgumentParser:
