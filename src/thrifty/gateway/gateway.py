@@ -29,7 +29,7 @@ from thrifty.config import RouterSettings
 from thrifty.engine.engine import RequestOutput, Usage
 from thrifty.gateway.backends import Backend, BackendError, BackendRequest, TierTimeoutError
 from thrifty.gateway.costs import Price, request_cost
-from thrifty.gateway.fallback import Fallback, Failure
+from thrifty.gateway.fallback import Fallback
 from thrifty.gateway.ledger import Charge, Ledger
 from thrifty.gateway.router import Answer, Route, RouteRequest, Router, next_tier
 
@@ -123,20 +123,20 @@ class Gateway:
         spent: list[Charge] = []
         cascade = p.target is None and self.router.strategy == "cascade"
         while cascade and next_tier(self.names, tier) is not None:
-            used, outputs, failures = await self.fallback.run(self.names, tier, lambda t: self._buffer(t, p))
-            reason += _fallback_note(tier, used, failures)
+            used, outputs, _ = await self.fallback.run(self.names, tier, lambda t: self._buffer(t, p))
+            reason += _fallback_note(tier, used)
             final = outputs[-1]
             if next_tier(self.names, used) is None:
                 break
             up, why = await asyncio.to_thread(self.router.escalate, rr, _answer(final), used)
-            reason = f"cascade: {why}"
+            reason = why  # the router's own words, e.g. "cascade: examples failed"
             if not up:
                 break
             spent.append(self._charge(p, used, final.usage, f"{used}; {reason}", final=False))
             tier = next_tier(self.names, used)
         else:
-            used, (first, gen), failures = await self.fallback.run(self.names, tier, lambda t: self._prime(t, p))
-            reason += _fallback_note(tier, used, failures)
+            used, (first, gen), _ = await self.fallback.run(self.names, tier, lambda t: self._prime(t, p))
+            reason += _fallback_note(tier, used)
             self._commit(p, used, reason)
             async for out in self._follow(p, used, first, gen, spent):
                 yield out
@@ -207,9 +207,7 @@ class Gateway:
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def _commit(self, p: GatewayRequest, tier: str, reason: str) -> None:
-        p.tier, p.route = tier, f"{tier}; {reason}"
-        if p.target is None:
-            p.model = tier
+        p.tier, p.route, p.model = tier, f"{tier}; {reason}", tier
 
     def _charge(self, p: GatewayRequest, tier: str, usage: Usage, route: str, final: bool = True) -> Charge:
         cost = request_cost(self.tiers[tier].price, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
@@ -231,9 +229,7 @@ class Gateway:
             tier = p.target or self.names[0]
         would = request_cost(self.tiers[tier].price, prompt_tokens, 0, completion_tokens)
         baseline = request_cost(self.baseline.price, prompt_tokens, 0, completion_tokens)
-        p.tier, p.route, p.cost = tier, f"{tier}; cache {kind}", 0.0
-        if p.target is None:
-            p.model = tier
+        p.tier, p.route, p.cost, p.model = tier, f"{tier}; cache {kind}", 0.0, tier
         self._record([Charge(p.request_id, tier, prompt_tokens, prompt_tokens, completion_tokens, 0.0, baseline,
                              would, True, p.requested, p.route, kind)])
 
@@ -265,7 +261,7 @@ def _answer(out: RequestOutput) -> Answer:
     return Answer(out.text, [lp.logprob for lp in out.logprobs], out.finish_reason)
 
 
-def _fallback_note(wanted: str, used: str, failures: list[Failure]) -> str:
+def _fallback_note(wanted: str, used: str) -> str:
     return f"; fallback from {wanted}" if used != wanted else ""
 
 
