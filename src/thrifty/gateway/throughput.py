@@ -1,7 +1,8 @@
 """What this machine computes per second on a loaded engine: the input to a local tier's `auto` price.
 
-A short probe (8 prompts of 128 tokens prefilled together, then 8 sequences decoding 32 tokens together)
-on the engine the server will use. The result is kept as JSON under $THRIFTY_HOME/throughput/, keyed by
+A short probe (8 prompts of 128 tokens prefilled together, then 8 sequences decoding 32 tokens together,
+at most 8 s of it) on the engine the server will use. Measured on a busy machine it prices tokens high:
+delete the stored file to measure again. The result is kept as JSON under $THRIFTY_HOME/throughput/, keyed by
 the model's identity (path, size, mtime, weight format), the engine options and torch's thread count, so
 the next start on the same machine reuses it.
 """
@@ -19,6 +20,7 @@ from thrifty import paths
 PROBE_SEQS = 8
 PROBE_PREFILL = 128
 PROBE_DECODE = 32
+DECODE_BUDGET_S = 8.0                        # a slow machine measures fewer decode steps, not for longer
 
 
 @dataclass(slots=True)
@@ -44,8 +46,10 @@ def probe_key(engine: Any, options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, decode: int = PROBE_DECODE) -> Throughput:
-    """Prefill and decode tokens/s of `engine` (an LLMEngine) at a batch of `seqs`."""
+def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, decode: int = PROBE_DECODE,
+            decode_budget_s: float = DECODE_BUDGET_S) -> Throughput:
+    """Prefill and decode tokens/s of `engine` (an LLMEngine) at a batch of `seqs`. The decode part stops
+    after `decode_budget_s` when a slow machine has not finished its `decode` steps by then."""
     from thrifty.engine.sampling import SamplingParams
 
     start = time.perf_counter()
@@ -56,13 +60,16 @@ def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, d
     t0 = time.perf_counter()
     engine.run(prompts, [SamplingParams(max_tokens=1, temperature=0.0) for _ in prompts])
     prefill_s = time.perf_counter() - t0
-    short = [[(29 + 104729 * (i + 1) + j) % vocab for j in range(4)] for i in range(seqs)]
-    params = [SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True) for _ in short]
-    t0 = time.perf_counter()
-    engine.run(short, params)
-    decode_total = time.perf_counter() - t0
-    # the 4-token prefills of the decode run are negligible next to seqs x decode decode steps
-    return Throughput(seqs * prefill / prefill_s, seqs * decode / decode_total, time.time(),
+    for i in range(seqs):
+        engine.add_request([(29 + 104729 * (i + 1) + j) % vocab for j in range(4)],
+                           SamplingParams(max_tokens=decode + 1, temperature=0.0, ignore_eos=True))
+    engine.step()  # the 4-token prefills and each sequence's first token: not decode
+    tokens, t0 = 0, time.perf_counter()
+    while engine.has_unfinished() and time.perf_counter() - t0 < decode_budget_s:
+        tokens += sum(len(o.delta_token_ids) for o in engine.step())
+    decode_s = time.perf_counter() - t0
+    engine.abort_all()
+    return Throughput(seqs * prefill / prefill_s, max(tokens, 1) / decode_s, time.time(),
                       time.perf_counter() - start)
 
 
