@@ -9,6 +9,7 @@ import asyncio
 import logging
 import re
 import socket
+import time
 
 import httpx
 import openai
@@ -248,3 +249,33 @@ def test_down_tier_falls_back_and_keys_stay_secret(tiny_gguf, cloud, tmp_path, c
     assert "HTTP 401" in str(e.value) and WRONG_KEY not in str(e.value) and "api_key_env" in str(e.value)
     assert "tier wrong failed" in caplog.text or "tier down failed" in caplog.text
     assert WRONG_KEY not in caplog.text and CLOUD_KEY not in caplog.text
+
+
+def test_remote_only_gateway(cloud, tmp_path):
+    """No local tier: nothing to tokenize with; the remote checks the request, the cache keys on its bytes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEST_CLOUD_KEY", CLOUD_KEY)
+        config = ThriftyConfig(model_list=[TierSettings("cloud", "cloud-model", api_base=cloud.url + "/v1",
+                                                        api_key_env="TEST_CLOUD_KEY",
+                                                        price=PriceSettings(10.0, 5.0, 20.0))],
+                               server=ServerSettings(ledger_path=str(tmp_path / "ledger.sqlite3")))
+        gateway = build_gateway(config)
+    cache = ResponseCache(EmbeddedStore(tmp_path / "responses.sqlite3"), timeout_s=2.0)
+    with ServerThread(create_gateway_app(gateway, config.server, cache=cache)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["cloud"]
+        kinds = []
+        for question in ("one", "two", "one"):
+            raw = c.chat.completions.with_raw_response.create(model="auto", messages=msgs(question), max_tokens=4,
+                                                              temperature=0)
+            kinds.append(raw.headers["x-thrifty-cache"])
+            assert raw.parse().model == "cloud" and raw.parse().usage.prompt_tokens > 0
+            if kinds[-1] == "miss":
+                time.sleep(0.3)  # let the background store land
+        assert kinds == ["miss", "miss", "hit"]
+        r = c.completions.create(model="cloud", prompt="Once upon", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError) as e:  # the remote's own 400, passed on
+            c.completions.create(model="cloud", prompt="x", max_tokens=10_000)
+        assert "max_tokens" in e.value.body["message"]
+        assert [c.cache for c in gateway.ledger.charges()] == ["", "", "hit", ""]  # the refused one cost nothing

@@ -139,8 +139,9 @@ class ServerCache:
                                                 int(r.get("completion_tokens", 0)))
                 return self._replay(p, hit), self._hit_headers(hit)
         if self.settings.coalesce and plan.read:
-            outputs, leader = self.coalescer.join(plan.key, lambda: self.client.generate(p),
-                                                  on_finish=lambda out: self._finished(plan, out))
+            # stored as the last output passes (not in on_finish): the leader's client may leave as soon as
+            # it has the last output, and that cancels a flight whose tier is still closing its connection
+            outputs, leader = self.coalescer.join(plan.key, lambda: self._store_after(p, plan))
             if leader:
                 metrics.cache_requests.labels("miss").inc()
                 return outputs, {HEADER: "miss"}
