@@ -1,7 +1,7 @@
 """Paged attention: the metadata one step carries, and the torch implementation of the ops.
 
 A step's flat batch holds decode tokens first (one query each), then prefill chunks. Decodes run as one
-batched matmul over their gathered, padded contexts (on this CPU a manual bf16 matmul + float32 softmax
+batched matmul over their contexts gathered as whole blocks (padded to the longest) (on this CPU a manual bf16 matmul + float32 softmax
 beats SDPA for decode, see FACTS.md); each prefill chunk runs SDPA over its cached prefix plus itself.
 Index tensors and masks are built once per step and shared by every layer.
 """
@@ -30,8 +30,9 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor             # [T] where each new token's K/V goes
     num_decodes: int                       # the first num_decodes tokens are one-token queries
-    decode_slots: torch.Tensor | None      # [B, L] slots of each decode's context, padded
+    decode_blocks: torch.Tensor | None     # [B, nb] block ids of each decode's context, padded with block 0
     decode_context_lens: torch.Tensor | None  # [B]
+    block_size: int
     prefills: list[PrefillSpan]
     kv_caches: list[LayerKVCache]
     _masks: dict = field(default_factory=dict)  # per sliding-window size, built on first use in a step
@@ -52,13 +53,13 @@ class AttentionMetadata:
             num_decodes += 1
         if any(q == 1 for q in query_lens[num_decodes:]):
             raise ValueError("one-token queries must come first in the batch")
-        decode_slots = decode_lens = None
+        decode_blocks = decode_lens = None
         if num_decodes:
-            width = max(context_lens[:num_decodes])
-            decode_slots = torch.zeros(num_decodes, width, dtype=torch.long)
+            width = max(len(t) for t in block_tables[:num_decodes])
+            decode_blocks = torch.zeros(num_decodes, width, dtype=torch.long)
             for i in range(num_decodes):
-                decode_slots[i, :context_lens[i]] = slot_rows[i]
-            decode_slots = decode_slots.to(device)
+                decode_blocks[i, :len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+            decode_blocks = decode_blocks.to(device)
             decode_lens = torch.tensor(context_lens[:num_decodes], device=device)
 
         prefills, start = [], num_decodes
@@ -67,19 +68,20 @@ class AttentionMetadata:
             slots = None if q == ctx else slot_rows[i].to(device)
             prefills.append(PrefillSpan(start, start + q, ctx, slots))
             start += q
-        return cls(slot_mapping, num_decodes, decode_slots, decode_lens, prefills, kv_caches)
+        return cls(slot_mapping, num_decodes, decode_blocks, decode_lens, block_size, prefills, kv_caches)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
-        """Additive mask [B, 1, 1, L]: padding (and keys outside a sliding window) get -inf."""
+        """Additive mask [1, B, 1, L]: padding (and keys outside a sliding window) get -inf."""
         key = ("decode", window)
         if key not in self._masks:
-            cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            width = self.decode_blocks.shape[1] * self.block_size
+            cols = torch.arange(width, device=self.decode_blocks.device)
             lens = self.decode_context_lens[:, None]
             allowed = cols[None, :] < lens
             if window is not None:
                 allowed &= cols[None, :] > lens - 1 - window
             mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-            self._masks[key] = mask.masked_fill_(~allowed, NEG_INF)[:, None, None, :]
+            self._masks[key] = mask.masked_fill_(~allowed, NEG_INF)[None, :, None, :]
         return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
@@ -110,7 +112,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     for i, span in enumerate(meta.prefills):
         qs = q[span.start:span.end]
         if span.slots is None:
-            ks, vs = k[span.start:span.end], v[span.start:span.end]
+            ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
         else:
             ks, vs = cache.read(span.slots, q.dtype)
         out[span.start:span.end] = _prefill(qs, ks, vs, meta.prefill_mask(i, window), scale)
@@ -120,19 +122,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
             window: int | None) -> torch.Tensor:
     b, h, d = q.shape
-    keys, values = cache.read(meta.decode_slots, q.dtype)          # [B, L, Hkv, D]
-    hkv = keys.shape[2]
-    qg = q.view(b, hkv, h // hkv, d)                                # group query heads by their KV head
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float()    # [B, Hkv, G, L]
+    keys, values = cache.read_blocks(meta.decode_blocks, q.dtype)   # [Hkv, B, L, D], L = whole blocks
+    hkv = keys.shape[0]
+    qg = q.view(b, hkv, h // hkv, d).transpose(0, 1)               # [Hkv, B, G, D]: query heads by KV head
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float()      # [Hkv, B, G, L]
     probs = torch.softmax(scores * scale + meta.decode_mask(window), dim=-1).to(q.dtype)
-    return torch.matmul(probs, values.permute(0, 2, 1, 3)).reshape(b, h, d)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(b, h, d)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
              scale: float) -> torch.Tensor:
+    """q: [n, H, D]; k, v: [Hkv, L, D] (the cache's layout)."""
     # A leading batch dim of 1: on CPU, 3-D inputs take a path several times slower than 4-D ones.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        q.transpose(0, 1)[None], k[None], v[None],
         attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 

@@ -1,4 +1,5 @@
-"""The KV storage: one preallocated tensor pair per layer, addressed by slot (block_id * block_size + offset).
+"""The KV storage: one preallocated tensor pair per layer, addressed by slot (block_id * block_size + offset)
+or by whole blocks.
 
 Sized from a memory budget. The storage dtype is a property of the cache, not of the model: reads come
 back in the compute dtype, so quantized KV formats slot in here without touching attention or models.
@@ -50,20 +51,37 @@ def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: i
 
 
 class LayerKVCache:
-    """One layer's K and V, flat over slots: [num_slots, num_kv_heads, head_dim]."""
+    """One layer's K and V, heads outermost: [num_kv_heads, num_blocks, block_size, head_dim].
 
-    __slots__ = ("k", "v")
+    Heads outermost makes a gather of whole blocks one contiguous copy per head that lands directly in
+    the [Hkv, B, L, D] layout the decode matmuls read (no permute copies), and a prefill's context read is
+    already in the [Hkv, L, D] layout SDPA wants."""
+
+    __slots__ = ("k", "v", "_k_slots", "_v_slots")
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
+        hkv, blocks, block_size, d = k.shape
+        self._k_slots = k.view(hkv, blocks * block_size, d)
+        self._v_slots = v.view(hkv, blocks * block_size, d)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        self.k.index_copy_(0, slots, k.to(self.k.dtype))
-        self.v.index_copy_(0, slots, v.to(self.v.dtype))
+        """k, v: [T, Hkv, D] for the T slots."""
+        self._k_slots.index_copy_(1, slots, k.transpose(0, 1).to(self.k.dtype))
+        self._v_slots.index_copy_(1, slots, v.transpose(0, 1).to(self.v.dtype))
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V at `slots` (any shape), in the compute dtype."""
-        return self.k[slots].to(dtype), self.v[slots].to(dtype)
+        """K and V at `slots` ([L]) as [Hkv, L, D], in the compute dtype."""
+        return self._k_slots.index_select(1, slots).to(dtype), self._v_slots.index_select(1, slots).to(dtype)
+
+    def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks: block_ids [B, nb] -> [Hkv, B, nb * block_size, D], in the compute dtype."""
+        b, nb = block_ids.shape
+        hkv, _, block_size, d = self.k.shape
+        flat = block_ids.reshape(-1)
+        k = self.k.index_select(1, flat).view(hkv, b, nb * block_size, d)
+        v = self.v.index_select(1, flat).view(hkv, b, nb * block_size, d)
+        return k.to(dtype), v.to(dtype)
 
 
 class PagedKVCache:
@@ -71,7 +89,7 @@ class PagedKVCache:
 
     def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
         self.spec = spec
-        shape = (spec.num_layers, spec.num_slots, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         self._k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self._v = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.layers = [LayerKVCache(self._k[i], self._v[i]) for i in range(spec.num_layers)]
