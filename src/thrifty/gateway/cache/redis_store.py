@@ -158,6 +158,8 @@ class RedisStore:
         now = time.time()
         for i in range(1, len(reply) - 1, 2):
             raw = reply[i + 1]
+            if not raw:  # the hash expired (TTL) between the index match and the load: a miss, not an error
+                continue
             fields = dict(zip(raw[::2], raw[1::2]))
             entry = self._decode(fields)
             if entry.scope != scope or entry.expired(now):
