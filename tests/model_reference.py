@@ -62,7 +62,7 @@ class SingleSequence:
         ids = torch.tensor(token_ids)
         positions = torch.arange(start, self.length)
         hidden = self.model(ids, positions, meta)
-        return self.model.compute_logits(hidden[-1:])[0]
+        return self.model.compute_logits(hidden[-1:])[0].float()
 
 
 def greedy(model, config, prompt: list[int], n: int, chunk: int | None = None) -> list[int]:

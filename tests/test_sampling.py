@@ -85,6 +85,15 @@ def test_greedy_is_argmax_any_dtype() -> None:
         assert out.logprobs == [None] * 6 and out.top_logprobs == [None] * 6
 
 
+def test_greedy_shortcut_picks_what_the_float32_path_picks() -> None:
+    # plain greedy rows skip the float32 copy; asking for logprobs takes the full path: same tokens, ties included
+    x = _logits(8).to(torch.bfloat16)
+    x[0, 5] = x[0, 9] = x[0].max() + 1          # a tie: the first index wins on both paths
+    fast = Sampler().sample(x, [SamplingParams(temperature=0)] * 8)
+    full = Sampler().sample(x, [SamplingParams(temperature=0, logprobs=0)] * 8)
+    assert fast.token_ids == full.token_ids and fast.token_ids[0] == 5
+
+
 def test_non_contiguous_logits() -> None:
     big = _logits(6, v=2 * V)
     x = big[::2, :V]  # every other row, first half of the columns

@@ -391,6 +391,10 @@ class Sampler:
         n = logits.shape[0]
         if n == 0:
             return SamplerOutput([], [], [])
+        if all(p.greedy and p.logprobs is None and not p.uses_penalties and not p.min_tokens for p in params):
+            # nothing to adjust or report: the argmax of the logits as they are (bf16 -> float32 is exact,
+            # so this is the same token), without a float32 copy of [B, vocab]
+            return SamplerOutput(logits.argmax(dim=1).tolist(), [None] * n, [None] * n)
         x = self._process(logits, params, histories)
         dev = x.device
 

@@ -84,8 +84,9 @@ class Qwen2ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits for the rows asked for (the runner passes only the positions it samples)."""
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype for the rows asked for (the runner passes only the positions it samples);
+        the sampler makes the one float32 copy it needs."""
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in; every parameter must be filled exactly once."""
