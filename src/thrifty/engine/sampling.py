@@ -229,6 +229,12 @@ def apply_min_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
 CANDIDATES = 1024  # top-k / top-p first look at this many highest logits per row; a full sort only if too few
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row argmax; `max(dim)` returns the same first index on ties and is 2-4x faster than `argmax` on CPU
+    (bf16 [32, 152k]: 1.9 vs 8.9 ms)."""
+    return x.max(dim=1).indices
+
+
 def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """t[rows]; t itself when rows are all of its rows in order (no copy)."""
     if len(rows) == t.shape[0] and rows == list(range(len(rows))):
@@ -394,7 +400,7 @@ class Sampler:
         if all(p.greedy and p.logprobs is None and not p.uses_penalties and not p.min_tokens for p in params):
             # nothing to adjust or report: the argmax of the logits as they are (bf16 -> float32 is exact,
             # so this is the same token), without a float32 copy of [B, vocab]
-            return SamplerOutput(logits.argmax(dim=1).tolist(), [None] * n, [None] * n)
+            return SamplerOutput(_argmax(logits).tolist(), [None] * n, [None] * n)
         x = self._process(logits, params, histories)
         dev = x.device
 
@@ -406,12 +412,12 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if not rand:
-            chosen = x.argmax(dim=1)
+            chosen = _argmax(x)
         else:
             chosen = torch.empty(n, dtype=torch.long, device=dev)
             if greedy:
                 gi = torch.tensor(greedy, device=dev)
-                chosen.index_copy_(0, gi, _take(x, greedy).argmax(dim=1))
+                chosen.index_copy_(0, gi, _argmax(_take(x, greedy)))
             sub_params = [params[i] for i in rand]
             for g in _warp(self._scaled(x, params, rand), sub_params):
                 col = _draw(g.scores, [gens[rand[j]] for j in g.rows])
