@@ -168,3 +168,24 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_ratios_use_the_median_of_repeated_runs():
+    def row(policy, tput):
+        return {"engine": "thrifty", "policy": policy, "concurrency": 32, "output_tokens_per_s": tput,
+                "kv_waste": None}
+    rows = [row("continuous", 150.0), row("static", 100.0), row("static", 120.0), row("continuous", 90.0),
+            row("continuous", 160.0), row("static", 110.0)]
+    got = {e["name"]: e for e in ratios(rows)}
+    assert got["thrifty continuous / static at c=32"]["value"] == 150.0 / 110.0
+
+
+def test_throughput_repeats_alternate_the_policy_order(tmp_path, tiny_gguf, capsys):
+    out = tmp_path / "tp.json"
+    assert main(["bench", "throughput", "--model", str(tiny_gguf), "--concurrency", "2", "--prompt-len", "8",
+                 "--output-len", "4", "--policies", "continuous,static", "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    order = [(r["policy"], r["extra"]["repeat"]) for r in report["results"]]
+    assert order == [("continuous", 0), ("static", 0), ("static", 1), ("continuous", 1)]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| engine"))
+    assert [h.strip() for h in header.strip("|").split("|")][:4] == ["engine", "policy", "conc", "run"]

@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-model-len", type=int, default=None,
                    help="thrifty's context limit (default: the model's, capped by the KV cache); also the "
                         "per-request reservation behind kv_waste_contiguous")
+    t.add_argument("--repeats", type=int, default=1,
+                   help="thrifty runs per policy and concurrency, policy order alternating; ratios use medians "
+                        "(a shared, noisy machine; default 1)")
     t.add_argument("--hf-requests", type=int, default=4,
                    help="requests the transformers peer times; more are extrapolated from them (default 4)")
     t.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
             requests=args.requests, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, threads=args.threads, hf_requests=args.hf_requests,
-            hf_dtype=args.hf_dtype, warmup=args.warmup, progress=args.progress)
+            repeats=args.repeats, hf_dtype=args.hf_dtype, warmup=args.warmup, progress=args.progress)
         report = run_throughput(cfg)
         print(format_report(report))
         plot = rep.plot_throughput

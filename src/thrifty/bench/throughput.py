@@ -7,6 +7,7 @@ tokens or a seeded draw from a range, greedy with EOS ignored) in the same close
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,7 @@ class ThroughputConfig:
     policies: list[str] = field(default_factory=lambda: ["continuous"])
     peers: list[str] = field(default_factory=list)
     requests: int | None = None           # per concurrency level; default 2 x concurrency
+    repeats: int = 1                      # thrifty runs per (policy, concurrency), policies interleaved; medians
     seed: int = 0
     dtype: str = "auto"
     kv_cache_memory: float = 1.0
@@ -57,6 +59,8 @@ class ThroughputConfig:
                 raise InvalidRequestError(f"unknown peer '{p}'", f"use {', '.join(PEERS)}", param="peers")
         if self.requests is not None and self.requests < 1:
             raise InvalidRequestError("--requests must be >= 1", "", param="requests")
+        if self.repeats < 1:
+            raise InvalidRequestError("--repeats must be >= 1", "", param="repeats")
         if self.hf_requests < 1:
             raise InvalidRequestError("--hf-requests must be >= 1", "", param="hf_requests")
 
@@ -98,12 +102,16 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     results: list[RunResult] = []
     if cfg.warmup:
         engine_run.warm_up(loaded, options, all_requests[0].prompt_ids)
-    for policy in cfg.policies:
-        for c in cfg.concurrency:
-            r = engine_run.bench_engine(loaded, all_requests[:cfg.num_requests(c)], c, policy, options,
-                                        cfg.progress)
-            log(f"thrifty {policy} c={c}: {r.output_tokens_per_s:.1f} output tok/s")
-            results.append(r)
+    for rep in range(cfg.repeats):
+        # alternate the policy order each repeat, so a machine that slows down or speeds up mid-run does not
+        # favour whichever policy runs first; the ratios use each policy's median
+        for policy in cfg.policies if rep % 2 == 0 else cfg.policies[::-1]:
+            for c in cfg.concurrency:
+                r = engine_run.bench_engine(loaded, all_requests[:cfg.num_requests(c)], c, policy, options,
+                                            cfg.progress)
+                r.extra["repeat"] = rep
+                log(f"thrifty {policy} c={c} (run {rep + 1}/{cfg.repeats}): {r.output_tokens_per_s:.1f} output tok/s")
+                results.append(r)
     model_info = {"spec": cfg.model, "name": loaded.config.name, "path": str(loaded.path), "architecture": loaded.config.architecture,
                   "layers": loaded.config.num_layers, "hidden_size": loaded.config.hidden_size,
                   "dtype": str(loaded.dtype).removeprefix("torch.")}
@@ -155,10 +163,10 @@ KV_WASTE_TARGET = 0.04
 def ratios(rows: list[dict]) -> list[dict]:
     """Throughput ratios (and the kv_waste check) the issue asks for, each with its target where it has one."""
     def tput(engine: str, policy: str | None, c: int) -> float | None:
-        for r in rows:
-            if r["engine"] == engine and (policy is None or r["policy"] == policy) and r["concurrency"] == c:
-                return r["output_tokens_per_s"]
-        return None
+        """The median over repeated runs (one run: its value)."""
+        values = [r["output_tokens_per_s"] for r in rows
+                  if r["engine"] == engine and (policy is None or r["policy"] == policy) and r["concurrency"] == c]
+        return statistics.median(values) if values else None
 
     def entry(name: str, num: float | None, den: float | None, target: float | None) -> dict | None:
         if not num or not den:
@@ -191,11 +199,11 @@ def ratios(rows: list[dict]) -> list[dict]:
 def format_report(report: dict) -> str:
     from thrifty.bench.report import markdown_table
 
-    headers = ["engine", "policy", "conc", "reqs", "out tok/s", "req/s", "TTFT p50 s", "TTFT p99 s",
+    headers = ["engine", "policy", "conc", "run", "reqs", "out tok/s", "req/s", "TTFT p50 s", "TTFT p99 s",
                "TPOT p50 s", "TPOT p99 s", "kv_waste", "kv_waste contiguous"]
-    rows = [[r["engine"], r["policy"], r["concurrency"], r["requests"], r["output_tokens_per_s"], r["requests_per_s"],
-             r["ttft_p50_s"], r["ttft_p99_s"], r["tpot_p50_s"], r["tpot_p99_s"], r["kv_waste"],
-             r["kv_waste_contiguous"]] for r in report["results"]]
+    rows = [[r["engine"], r["policy"], r["concurrency"], r["extra"].get("repeat", 0) + 1, r["requests"],
+             r["output_tokens_per_s"], r["requests_per_s"], r["ttft_p50_s"], r["ttft_p99_s"], r["tpot_p50_s"],
+             r["tpot_p99_s"], r["kv_waste"], r["kv_waste_contiguous"]] for r in report["results"]]
     c, m, h = report["config"], report["model"], report["hardware"]
     out_len = f"{c['output_len_range'][0]}-{c['output_len_range'][1]} (mixed)" if c["output_len_range"] \
         else str(c["output_len"])
