@@ -7,35 +7,20 @@ import time
 
 import pytest
 
+from router_fakes import ScriptedCascade
 from test_gateway_fallback import FakeBackend, request
 from thrifty.config import RouterSettings
 from thrifty.gateway.costs import Price, auto_price, request_cost
 from thrifty.gateway.gateway import Gateway, Tier
 from thrifty.gateway.ledger import Charge, Ledger, summarize
-from thrifty.gateway.router import Route
 
 SMALL, LARGE = Price(1.0, 0.5, 2.0), Price(10.0, 5.0, 20.0)
 # FakeBackend usage: 10 prompt tokens (4 of them prefix-cached), one completion token per word
 
 
-class Cascade:
-    """Cheapest first; escalates when the request says so (a stand-in for the lead's cascade checks)."""
-    strategy = "cascade"
-
-    def __init__(self) -> None:
-        self.answers = []
-
-    def choose(self, rr):
-        return Route("small", "cascade: cheapest first")
-
-    def escalate(self, rr, answer, tier):
-        self.answers.append(answer)
-        return ("hard" in rr.text, "cascade: examples failed" if "hard" in rr.text else "cascade: check passed")
-
-
-def cascade_gateway(ledger: Ledger | None = None) -> tuple[Gateway, FakeBackend, FakeBackend, Cascade]:
+def cascade_gateway(ledger: Ledger | None = None) -> tuple[Gateway, FakeBackend, FakeBackend, ScriptedCascade]:
     small, large = FakeBackend("small", "a b"), FakeBackend("large", "x y z")
-    router = Cascade()
+    router = ScriptedCascade("hard")
     gw = Gateway([Tier("small", small, SMALL), Tier("large", large, LARGE)], router, RouterSettings(), ledger)
     return gw, small, large, router
 
@@ -112,9 +97,9 @@ def test_cache_hit_costs_nothing_and_saves_its_tier_cost():
 def test_baseline_is_the_most_expensive_tier_by_output_price():
     tiers = [Tier("a", FakeBackend("a"), Price(1, 1, 1)), Tier("b", FakeBackend("b"), Price(5, 5, 50)),
              Tier("c", FakeBackend("c"), Price(9, 9, 9))]
-    assert Gateway(tiers, Cascade()).baseline.name == "b"
+    assert Gateway(tiers, ScriptedCascade("hard")).baseline.name == "b"
     same = [Tier("a", FakeBackend("a"), Price(1, 1, 5)), Tier("b", FakeBackend("b"), Price(2, 2, 5))]
-    assert Gateway(same, Cascade()).baseline.name == "b"  # a tie: the later tier
+    assert Gateway(same, ScriptedCascade("hard")).baseline.name == "b"  # a tie: the later tier
 
 
 def test_ledger_persists_and_filters(tmp_path):

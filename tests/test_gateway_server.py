@@ -22,33 +22,16 @@ from thrifty.gateway.backends import BackendError, RemoteBackend
 from thrifty.gateway.cache import ResponseCache
 from thrifty.gateway.cache.embedded import EmbeddedStore
 from thrifty.gateway.costs import Price, request_cost
-from thrifty.gateway.router import Route
 from thrifty.gateway.tiers import build_gateway, check_tiers
 from thrifty.server.app import create_app, create_gateway_app
 from thrifty.server.background import ServerThread
+from router_fakes import ScriptedCascade
 from test_gateway_fallback import request
 
 CLOUD_KEY = "sk-cloud-secret-4711"
 WRONG_KEY = "sk-wrong-secret-0815"
 ENGINE = dict(dtype="float32", num_kv_blocks=256, block_size=16)
 SMALL, LARGE = Price(1.0, 0.5, 2.0), Price(10.0, 5.0, 20.0)
-
-
-class Scripted:
-    """A stand-in router (the real strategies are tested elsewhere): the cheapest tier first, and the cascade
-    escalates when the request says '#escalate'."""
-    strategy = "cascade"
-
-    def __init__(self) -> None:
-        self.answers = []
-
-    def choose(self, rr):
-        return Route("small", "cascade: cheapest first")
-
-    def escalate(self, rr, answer, tier):
-        self.answers.append(answer)
-        return ("#escalate" in rr.text, "cascade: examples failed" if "#escalate" in rr.text
-                else "cascade: check passed")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +58,7 @@ def server(tiny_gguf, cloud, tmp_path_factory):
             TierSettings("large", "cloud-model", api_base=cloud.url + "/v1", api_key_env="TEST_CLOUD_KEY",
                          price=PriceSettings(10.0, 5.0, 20.0))])
         check_tiers(config)
-        router = Scripted()
+        router = ScriptedCascade("#escalate")
         gateway = build_gateway(config, router)
     cache = ResponseCache(EmbeddedStore(tmp / "responses.sqlite3"), timeout_s=2.0)
     app = create_gateway_app(gateway, config.server, cache=cache, cache_settings=CacheSettings())
