@@ -29,10 +29,11 @@ HELD_OUT = "100-163"
 
 
 def add_parser(suites: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.router_command import _range
+    from thrifty.gateway.router_command import parse_problems
 
     p = suites.add_parser("router", help="routing strategies on held-out HumanEval: pass@1 and cost")
-    p.add_argument("--problems", type=_range, default=_range(HELD_OUT), help=f"default {HELD_OUT} (held out)")
+    p.add_argument("--problems", type=parse_problems, default=parse_problems(HELD_OUT),
+                   help=f"default {HELD_OUT} (held out)")
     p.add_argument("--small", default=DEFAULT_TIERS[0][1])
     p.add_argument("--large", default=DEFAULT_TIERS[1][1])
     p.add_argument("--max-tokens", type=int, default=512)

@@ -20,7 +20,8 @@ from thrifty.errors import ThriftyError
 TRAIN_PROBLEMS = "0-99"
 
 
-def _range(text: str) -> tuple[int, int]:
+def parse_problems(text: str) -> tuple[int, int]:
+    """'100-163' -> (100, 163); '7' -> (7, 7). HumanEval problem numbers, inclusive."""
     first, _, last = text.partition("-")
     try:
         a, b = int(first), int(last or first)
@@ -35,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="label HumanEval on the tiers, train the classifier, calibrate thresholds")
     rsub = p.add_subparsers(dest="router_command", required=True)
     lab = rsub.add_parser("label", help="answer HumanEval problems on the small and large tier; label by unit tests")
-    lab.add_argument("--problems", type=_range, default=_range(TRAIN_PROBLEMS), help="default 0-99")
+    lab.add_argument("--problems", type=parse_problems, default=parse_problems(TRAIN_PROBLEMS),
+                     help=f"default {TRAIN_PROBLEMS}")
     lab.add_argument("--small", default=DEFAULT_TIERS[0][1])
     lab.add_argument("--large", default=DEFAULT_TIERS[1][1])
     lab.add_argument("--max-tokens", type=int, default=512)
