@@ -97,7 +97,9 @@ def test_serve_process_auth_and_graceful_sigterm(tmp_path):
                       "  shutdown_timeout_s: 60\n")
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "thrifty"), "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TEST_SERVE_KEY": key})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            # its own home: the throughput probe and the cost ledger stay out of the user's
+                            env={**os.environ, "TEST_SERVE_KEY": key, "THRIFTY_HOME": str(tmp_path / "home")})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
