@@ -2,7 +2,7 @@
 
 The request is what a user of a coding assistant sends (the problem in a fenced block, "write the
 function"), so the router sees the same text in the benchmark as in the server. Each attempt records its
-tokens, its mean token logprob and the cascade's cheap check (the prompt's own examples), so labelling,
+tokens and its mean token logprob (the cascade's check is the router's to run), so labelling,
 training, calibration and the router benchmark all read the same records.
 
 Each tier's run is timed: a prefill probe (every prompt with max_tokens=1) and the generation itself,
@@ -14,13 +14,13 @@ import gzip
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from thrifty.errors import ThriftyError
-from thrifty.gateway.code_check import check_answer, complete_program, extract_code
+from thrifty.gateway.code_check import complete_program, extract_code
 from thrifty.gateway.sandbox import run_python
 
 INSTRUCTION = ("Write the Python function below. Reply with the complete function in one Python code block, "
@@ -53,8 +53,6 @@ class Attempt:
     finish_reason: str | None
     mean_logprob: float | None
     passed: bool                  # the problem's hidden unit tests
-    check_passed: bool            # the cascade's cheap check (parses, the prompt's examples pass)
-    check_reason: str
 
     def answer(self):
         """As the cascade sees an answer (its checks read only the mean logprob, so that stands for all)."""
@@ -95,7 +93,8 @@ class TierRun:
     @classmethod
     def from_json(cls, d: dict) -> TierRun:
         d = {k: v for k, v in d.items() if k not in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-        d["attempts"] = [Attempt(**a) for a in d["attempts"]]
+        known = {f.name for f in fields(Attempt)}  # older label files carry fields since dropped
+        d["attempts"] = [Attempt(**{k: v for k, v in a.items() if k in known}) for a in d["attempts"]]
         return cls(**d)
 
 
@@ -125,14 +124,13 @@ def passes_tests(problem: Problem, answer: str) -> bool:
 
 
 def judge(problems: list[Problem], tier: str, outputs: list, workers: int = 2) -> list[Attempt]:
-    """Attempts from the engine's outputs: unit tests and the cascade check, run in parallel sandboxes."""
+    """Attempts from the engine's outputs, judged by the unit tests in parallel sandboxes. (The cascade's own
+    check is the router's to run: calibration and the benchmark call it.)"""
     def one(pair) -> Attempt:
         problem, out = pair
         lps = [lp.logprob for lp in out.logprobs]
-        check = check_answer(problem.request_text(), out.text)
         return Attempt(problem.index, tier, out.text, out.usage.prompt_tokens, out.usage.completion_tokens,
-                       out.finish_reason, sum(lps) / len(lps) if lps else None, passes_tests(problem, out.text),
-                       check.passed, check.reason)
+                       out.finish_reason, sum(lps) / len(lps) if lps else None, passes_tests(problem, out.text))
 
     with ThreadPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(one, zip(problems, outputs)), total=len(problems), desc=f"judge {tier}",

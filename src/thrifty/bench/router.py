@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict
 
 from thrifty.bench.report import fmt, markdown_table, write_json
-from thrifty.config import CASCADE_CHECKS, DEFAULT_TIERS, RouterSettings
+from thrifty.config import RouterSettings
 from thrifty.gateway.costs import Price
 
 STRATEGIES = ("small-only", "large-only", "classifier", "cascade", "oracle")
@@ -29,18 +29,11 @@ HELD_OUT = "100-163"
 
 
 def add_parser(suites: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.router_command import parse_problems
+    from thrifty.gateway.router_command import add_router_args, add_run_args
 
     p = suites.add_parser("router", help="routing strategies on held-out HumanEval: pass@1 and cost")
-    p.add_argument("--problems", type=parse_problems, default=parse_problems(HELD_OUT),
-                   help=f"default {HELD_OUT} (held out)")
-    p.add_argument("--small", default=DEFAULT_TIERS[0][1])
-    p.add_argument("--large", default=DEFAULT_TIERS[1][1])
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--check", choices=CASCADE_CHECKS, default=RouterSettings().check, help="the cascade's check")
-    p.add_argument("--machine-usd-per-hour", type=float, default=RouterSettings().machine_usd_per_hour)
-    p.add_argument("--classifier", default=None, help="default $THRIFTY_HOME/router/classifier.json")
-    p.add_argument("--calibration", default=None, help="default $THRIFTY_HOME/router/calibration.json")
+    add_run_args(p, HELD_OUT)
+    add_router_args(p)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
 

@@ -36,11 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("router", help="label HumanEval on the tiers, train the classifier, calibrate thresholds")
     rsub = p.add_subparsers(dest="router_command", required=True)
     lab = rsub.add_parser("label", help="answer HumanEval problems on the small and large tier; label by unit tests")
-    lab.add_argument("--problems", type=parse_problems, default=parse_problems(TRAIN_PROBLEMS),
-                     help=f"default {TRAIN_PROBLEMS}")
-    lab.add_argument("--small", default=DEFAULT_TIERS[0][1])
-    lab.add_argument("--large", default=DEFAULT_TIERS[1][1])
-    lab.add_argument("--max-tokens", type=int, default=512)
+    add_run_args(lab, TRAIN_PROBLEMS)
     lab.add_argument("--out", required=True, help="labels JSON file")
     tr = rsub.add_parser("train", help="fit the classifier router on labels")
     tr.add_argument("--labels", required=True)
@@ -50,10 +46,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--labels", required=True)
     cal.add_argument("--target-quality", type=float, default=0.95)
     cal.add_argument("--strategy", choices=["classifier", "cascade", "all"], default="all")
-    cal.add_argument("--check", choices=CASCADE_CHECKS, default=RouterSettings().check)
-    cal.add_argument("--machine-usd-per-hour", type=float, default=RouterSettings().machine_usd_per_hour)
-    cal.add_argument("--classifier", default=None, help="default $THRIFTY_HOME/router/classifier.json")
-    cal.add_argument("--calibration", default=None, help="default $THRIFTY_HOME/router/calibration.json")
+    add_router_args(cal)
+
+
+def add_run_args(p: argparse.ArgumentParser, problems: str) -> None:
+    """What answers HumanEval on the two tiers (`router label`, `bench router`)."""
+    p.add_argument("--problems", type=parse_problems, default=parse_problems(problems), help=f"default {problems}")
+    p.add_argument("--small", default=DEFAULT_TIERS[0][1])
+    p.add_argument("--large", default=DEFAULT_TIERS[1][1])
+    p.add_argument("--max-tokens", type=int, default=512)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    """The router's files, check and machine price (`router calibrate`, `bench router`)."""
+    p.add_argument("--check", choices=CASCADE_CHECKS, default=RouterSettings().check, help="the cascade's check")
+    p.add_argument("--machine-usd-per-hour", type=float, default=RouterSettings().machine_usd_per_hour)
+    p.add_argument("--classifier", default=None, help="default $THRIFTY_HOME/router/classifier.json")
+    p.add_argument("--calibration", default=None, help="default $THRIFTY_HOME/router/calibration.json")
 
 
 def run(args: argparse.Namespace) -> None:
