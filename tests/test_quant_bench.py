@@ -23,3 +23,6 @@ def test_bench_quant_writes_the_table_and_json(tmp_path, capsys):
                 "decode_tok_s", "prefill_tok_s", "greedy_match_vs_bf16"} <= set(r)
     assert rows["bf16"]["kl_vs_bf16"] == 0 and rows["int8"]["kl_vs_bf16"] > 0
     assert rows["int4-g32"]["linear_weight_bytes"] < 0.35 * rows["bf16"]["linear_weight_bytes"]
+    for r in rows.values():  # agreement with bf16 on both prompt sets (chat-templated HumanEval, raw code)
+        assert 0 <= r["greedy_match_vs_bf16"] <= 1 and 0 <= r["greedy_match_vs_bf16_text"] <= 1
+    assert rows["bf16"]["greedy_match_vs_bf16"] == 1 and rows["bf16"]["greedy_match_vs_bf16_text"] == 1

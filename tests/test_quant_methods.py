@@ -57,10 +57,25 @@ def test_gptq_beats_rtn_on_its_own_objective():
     x = torch.randn(512, 128, generator=g) * torch.linspace(0.1, 3, 128)   # uneven channels, as in LLMs
     w = torch.randn(64, 128, generator=g) * 0.05
     h = hessian(x)
+    def err(qt):
+        return float(((x @ (qt.dequantize() - w).t()) ** 2).mean())
+
     for bits, group in ((4, 32), (8, None)):
-        def err(qt):
-            return float(((x @ (qt.dequantize() - w).t()) ** 2).mean())
-        assert err(gptq_quantize(w, h, bits, group)) < err(quantize_rtn(w, bits, group))
+        rtn = err(quantize_rtn(w, bits, group))
+        for act_order in (False, True):
+            assert err(gptq_quantize(w, h, bits, group, act_order)) < rtn, (bits, act_order)
+
+
+def test_act_order_keeps_contiguous_groups():
+    """Act-order permutes the quantization order, not the layout: every value sits on its own group's grid."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(3, 0.1, 64)
+    w = torch.randn(16, 64, generator=g)
+    qt = gptq_quantize(w, hessian(x), 4, 32, act_order=True)
+    assert qt.q.shape == (16, 64) and qt.scale.shape == (16, 2) and qt.group_size == 32
+    deq = qt.dequantize().view(16, 2, 32)
+    steps = (deq - qt.offset[:, :, None]) / qt.scale[:, :, None]
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.min() >= -1e-3 and steps.max() <= 15 + 1e-3
 
 
 @pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
@@ -84,9 +99,12 @@ def test_quantize_writes_a_folder_that_loads_and_scores(tiny, evalset, tmp_path,
 
 
 def test_awq_and_gptq_beat_rtn_at_4_bits(tiny, evalset, tmp_path):
+    # GPTQ in natural column order here: a random-weight model has no outlier input channels for act-order to
+    # put first, so its fixed group ranges only cost (on the real 0.5B act-order lowers KL, 0.0281 -> 0.0254)
     kl = {}
     for method in ("rtn", "awq", "gptq"):
-        out = quantize_model(str(tiny), method, 4, tmp_path / method, 32, samples=8, seq_len=64, progress=False)
+        out = quantize_model(str(tiny), method, 4, tmp_path / method, 32, samples=8, seq_len=64, progress=False,
+                             act_order=False)
         kl[method] = score(load(out), evalset, progress=False)["kl_vs_bf16"]
     assert kl["awq"] < kl["rtn"] and kl["gptq"] < kl["rtn"], kl
 

@@ -191,13 +191,15 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: quantize columns in their natural order instead of by decreasing activation energy")
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
     from thrifty.quant.quantize import quantize_model
 
     out = quantize_model(args.model, args.method, args.bits, args.out, args.group_size, args.calib_samples,
-                         args.calib_seq_len, args.seed, threads=args.threads)
+                         args.calib_seq_len, args.seed, threads=args.threads, act_order=args.act_order)
     print(out)
 
 

@@ -2,7 +2,7 @@
 
 Per format: weight bytes (linear layers incl. the output head, embeddings apart), perplexity on held-out code
 and prose, mean KL vs the bf16 reference, greedy agreement with bf16 (identical 32-token continuations of N
-prompts, batched), batch-1 decode tokens/s (128 new tokens after a short prompt) and prefill tokens/s (one
+prompts, batched; two prompt sets, see `prompt_sets`), batch-1 decode tokens/s (128 new tokens after a short prompt) and prefill tokens/s (one
 ~1,800-token prompt, time to first token). The reference is the checkpoint dequantized to bf16.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 
 from thrifty.errors import InvalidRequestError
 
-DEFAULT_FORMATS = "bf16,int8,int4,awq,gptq,gguf,llamacpp"
-COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "KL vs bf16", "greedy = bf16",
+DEFAULT_FORMATS = "bf16,fp32,int8,int4,awq,gptq,gguf,llamacpp"
+COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "KL vs bf16", "greedy = bf16 chat",
+           "greedy = bf16 text",
            "decode tok/s", "prefill tok/s")
 
 
@@ -29,8 +30,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     q.add_argument("--formats", default=DEFAULT_FORMATS,
                    help=f"comma-separated: weights values (bf16, int8, int4-g128, fp8, gguf, a DIR), awq, gptq "
                         f"(quantized on the fly unless --awq/--gptq name a folder), llamacpp (default {DEFAULT_FORMATS})")
-    q.add_argument("--awq", help="an AWQ folder from thrifty quantize (default: make one, 4-bit g128)")
-    q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize (default: make one, 4-bit g128)")
+    q.add_argument("--group-size", type=int, default=128, help="int4 group of the RTN, AWQ and GPTQ rows")
+    q.add_argument("--awq", help="an AWQ folder from thrifty quantize (default: make one, 4-bit, --group-size)")
+    q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize (default: make one, 4-bit, --group-size)")
     q.add_argument("--max-eval-tokens", type=int, default=2048)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--greedy-prompts", type=int, default=20)
@@ -41,16 +43,16 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _folder(model: str, method: str, given: str | None, progress: bool) -> str:
+def _folder(model: str, method: str, group: int, given: str | None, progress: bool) -> str:
     if given:
         return given
     from thrifty.paths import home
     from thrifty.quant import checkpoint
     from thrifty.quant.quantize import quantize_model
 
-    out = home() / "quant" / f"{Path(str(model)).stem}-{method}-4b-g128"
+    out = home() / "quant" / f"{Path(str(model)).stem}-{method}-4b-g{group}"
     if not checkpoint.is_quantized_folder(out):
-        quantize_model(model, method, 4, out, 128, progress=progress)
+        quantize_model(model, method, 4, out, group, progress=progress)
     return str(out)
 
 
@@ -61,11 +63,32 @@ def _text_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def _greedy(loaded, prompts: list[list[int]], n: int) -> list[list[int]]:
+def prompt_sets(tokenizer, stream: list[int], start: int, n: int) -> dict[str, list[list[int]]]:
+    """The greedy-agreement prompts. `chat`: the first n HumanEval problems through the model's chat template,
+    the requests this instruct model serves. `text`: n raw 16-32 token slices of held-out code from `stream` at
+    `start`; continuing mid-line code has near-ties everywhere, so there even fp32 and bf16 compute of the same
+    weights disagree (the fp32 row shows that floor)."""
+    from thrifty.bench.humaneval import load_problems
+
+    chat = [tokenizer.encode(tokenizer.apply_chat_template(p.messages()), add_special_tokens=False)
+            for p in load_problems(0, n - 1)]
+    text = [stream[start + 48 * i:start + 48 * i + 16 + (i % 3) * 8] for i in range(n)]
+    return {"chat": chat, "text": text}
+
+
+def _greedy(loaded, prompts: dict[str, list[list[int]]], n: int) -> dict[str, list[list[int]]]:
     from thrifty.bench.engine_run import greedy_exact, make_engine
 
-    engine = make_engine(loaded, max_num_seqs=len(prompts), kv_cache_memory=0.5, max_num_batched_tokens=4096)
-    return [out.token_ids for out in engine.run(prompts, [greedy_exact(n)] * len(prompts))]
+    outs = {}
+    for kind, batch in prompts.items():
+        engine = make_engine(loaded, max_num_seqs=len(batch), kv_cache_memory=0.5, max_num_batched_tokens=8192)
+        outs[kind] = [out.token_ids for out in engine.run(batch, [greedy_exact(n)] * len(batch))]
+    return outs
+
+
+def _agreement(outs: dict[str, list[list[int]]], ref: dict[str, list[list[int]]]) -> dict[str, float]:
+    """Per prompt set, the share of continuations identical to the reference's."""
+    return {kind: sum(a == b for a, b in zip(outs[kind], ref[kind])) / len(ref[kind]) for kind in ref}
 
 
 def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -92,8 +115,9 @@ def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int
     return decode, len(long_prompt) / (time.perf_counter() - start)
 
 
-def _row(name: str, scores: dict, greedy_match: float | None, decode: float, prefill: float) -> dict:
-    return {"format": name, **scores, "greedy_match_vs_bf16": greedy_match, "decode_tok_s": decode,
+def _row(name: str, scores: dict, greedy_match: dict[str, float], decode: float, prefill: float) -> dict:
+    return {"format": name, **scores, "greedy_match_vs_bf16": greedy_match["chat"],
+            "greedy_match_vs_bf16_text": greedy_match["text"], "decode_tok_s": decode,
             "prefill_tok_s": prefill}
 
 
@@ -149,7 +173,7 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
             llm.eval([out[-1]])
         return out
 
-    same = [greedy(p, args.greedy_tokens) == r for p, r in zip(prompts, greedy_ref)]
+    outs = {kind: [greedy(p, args.greedy_tokens) for p in batch] for kind, batch in prompts.items()}
     greedy(prompt[:64], 4)                                        # warm-up
     llm.reset()
     llm.eval(prompt)
@@ -173,7 +197,7 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
               "weight_bytes": sum(t.nbytes for t in gguf.tensors.values()), "linear_weight_bytes": linear,
               "embedding_bytes": embed, "version": getattr(llama_cpp, "__version__", "?"),
               "note": "extra buffer types (AMX repacking) off" if amx_off else ""}
-    return _row("llama.cpp", scores, sum(same) / len(same), decode, prefill)
+    return _row("llama.cpp", scores, _agreement(outs, greedy_ref), decode, prefill)
 
 
 def run_quant(args: argparse.Namespace) -> dict:
@@ -197,8 +221,7 @@ def run_quant(args: argparse.Namespace) -> dict:
     stream = _text_ids(tok, args.prefill_tokens + args.greedy_prompts * 48 + 64)
     long_prompt = stream[:args.prefill_tokens]
     prompt = stream[:32]
-    prompts = [stream[args.prefill_tokens + 48 * i:args.prefill_tokens + 48 * i + 16 + (i % 3) * 8]
-               for i in range(args.greedy_prompts)]
+    prompts = prompt_sets(tok, stream, args.prefill_tokens, args.greedy_prompts)
     rows: list[dict] = []
     greedy_ref = None
     for name in tqdm(names, desc="bench quant", unit="format", disable=not args.progress):
@@ -209,16 +232,18 @@ def run_quant(args: argparse.Namespace) -> dict:
                 rows.append({"format": "llama.cpp", "error": "llama-cpp-python is not installed "
                                                              "(pip install llama-cpp-python==0.3.36)"})
             continue
-        weights = {"awq": lambda: _folder(args.model, "awq", args.awq, args.progress),
-                   "gptq": lambda: _folder(args.model, "gptq", args.gptq, args.progress)}.get(name, lambda: name)()
+        g = args.group_size
+        weights = {"awq": lambda: _folder(args.model, "awq", g, args.awq, args.progress),
+                   "gptq": lambda: _folder(args.model, "gptq", g, args.gptq, args.progress),
+                   "int4": lambda: f"int4-g{g}"}.get(name, lambda: name)()
         loaded = reference if name == "bf16" else load(path, weights=weights)
         scores = score(loaded, evalset, keep_as_reference=name == "bf16", progress=args.progress, label=name)
         outs = _greedy(loaded, prompts, args.greedy_tokens)
         if greedy_ref is None:
             greedy_ref = outs
-        match = sum(a == b for a, b in zip(outs, greedy_ref)) / len(outs)
+        match = _agreement(outs, greedy_ref)
         decode, prefill = _speed(loaded, prompt, long_prompt, args.decode_tokens)
-        label = {"awq": "int4-g128 AWQ", "gptq": "int4-g128 GPTQ", "int4": "int4-g128 RTN"}.get(name, name)
+        label = {"awq": f"int4-g{g} AWQ", "gptq": f"int4-g{g} GPTQ", "int4": f"int4-g{g} RTN"}.get(name, name)
         rows.append(_row(label, scores, match, decode, prefill))
         if args.json:  # partial results survive a crash of a later row
             from thrifty.bench.report import write_json
@@ -227,14 +252,14 @@ def run_quant(args: argparse.Namespace) -> dict:
         if loaded is not reference:
             del loaded
     return {"suite": "quant", "model": str(args.model), "path": str(path), "rows": rows,
-            "targets": _targets(rows), "threads": args.threads, "data": data.describe(),
+            "targets": _targets(rows, args.group_size), "threads": args.threads, "data": data.describe(),
             "settings": {k: getattr(args, k) for k in ("max_eval_tokens", "seq_len", "greedy_prompts",
-                                                       "greedy_tokens", "decode_tokens", "prefill_tokens")},
+                                                       "greedy_tokens", "decode_tokens", "prefill_tokens", "group_size")},
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _targets(rows: list[dict]) -> dict:
+def _targets(rows: list[dict], group: int) -> dict:
     by = {r["format"]: r for r in rows if "error" not in r}
     bf = by.get("bf16")
     out: dict = {}
@@ -247,11 +272,14 @@ def _targets(rows: list[dict]) -> dict:
     if "int8" in by:
         out["int8_ppl_within_0.5pct"] = rel("int8") <= 0.005
         out["int8_greedy_identical_ge_90pct"] = by["int8"]["greedy_match_vs_bf16"] >= 0.9
-    rtn = by.get("int4-g128 RTN")
+        out["int8_greedy_identical_text"] = by["int8"]["greedy_match_vs_bf16_text"]
+    if "fp32" in by:  # the noise floor: the same weights computed in float32 instead of bf16
+        out["fp32_greedy_identical_text"] = by["fp32"]["greedy_match_vs_bf16_text"]
+    rtn = by.get(f"int4-g{group} RTN")
     for m in ("AWQ", "GPTQ"):
-        r = by.get(f"int4-g128 {m}")
+        r = by.get(f"int4-g{group} {m}")
         if r:
-            out[f"{m.lower()}_ppl_within_3pct"] = rel(f"int4-g128 {m}") <= 0.03
+            out[f"{m.lower()}_ppl_within_3pct"] = rel(f"int4-g{group} {m}") <= 0.03
             if rtn:
                 out[f"{m.lower()}_better_than_rtn"] = r["ppl"] < rtn["ppl"]
     int4 = [r for n, r in by.items() if n.startswith("int4")]
@@ -277,7 +305,8 @@ def format_report(report: dict) -> str:
             rows.append([r["format"], r["error"]] + [None] * (len(COLUMNS) - 2))
             continue
         rows.append([r["format"], r["linear_weight_bytes"] / 2**20, r["embedding_bytes"] / 2**20, r["ppl_code"],
-                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"], r["decode_tok_s"],
+                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"],
+                     r.get("greedy_match_vs_bf16_text"), r["decode_tok_s"],
                      r["prefill_tok_s"]])
     lines = [f"model {report['model']}, {report['threads']} threads, {report['hardware']['cores']} cores, "
              f"torch {report['hardware']['torch']}", "", markdown_table(COLUMNS, rows), ""]

@@ -3,12 +3,16 @@
 AWQ and GPTQ run layer by layer over calibration windows (thrifty.quant.data, never the evaluation text): the
 decoder layer's linear inputs are captured with hooks, the layer is quantized, and the layer's output computed
 with the quantized weights becomes the next layer's input, so later layers calibrate on what they will see.
+For GPTQ the same holds inside a layer, per projection (true-sequential): o_proj is rounded on the inputs the
+rounded q|k|v give it, and so on down to down_proj. On the 0.5B at int4 g32 this took GPTQ from +4.2 % to +2.5 %
+perplexity over bf16 (act-order on top: +2.4 %).
 The output head comes last, on the final norm's output. Everything runs in float32 on the CPU.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -73,7 +77,22 @@ def _set(layer: Linear, qt: QTensor) -> None:
     layer.weight.data.copy_(qt.dequantize())
 
 
-def _awq_layer(layer, x_in: dict[str, torch.Tensor], config, bits: int, group: int | None) -> dict[str, QTensor]:
+def _quantize_in_order(names: dict[str, Linear], x_in: dict[str, torch.Tensor], run,
+                       quantize: Callable[[Linear, torch.Tensor], QTensor]) -> dict[str, QTensor]:
+    """Quantize q|k|v, o, gate|up, down in order; each later one calibrates on the inputs the already quantized
+    earlier ones give it (true-sequential), so it accounts for the error it will really see."""
+    found: dict[str, QTensor] = {}
+    for key, lin in names.items():
+        if found:
+            with torch.inference_mode():
+                x_in[key] = _capture({key: lin}, run)[key]
+        found[key] = quantize(lin, x_in[key])
+        _set(lin, found[key])
+    return found
+
+
+def _awq_layer(layer, names: dict[str, Linear], x_in: dict[str, torch.Tensor], config, bits: int,
+               group: int | None) -> dict[str, QTensor]:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
     # 1. q|k|v read input_layernorm's output
@@ -103,13 +122,17 @@ def _awq_layer(layer, x_in: dict[str, torch.Tensor], config, bits: int, group: i
     gate_up.weight.data[lo:hi] /= s[:, None]
     down.weight.data *= s
     x_in["down"] = x_in["down"] / s
-    # v and up changed after q|k|v and gate|up were searched; their inputs did not, so rounding comes last
-    return {key: awq.quantize_weight(x_in[key], lin.weight, bits, group)
-            for key, lin in (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down))}
+    # v and up changed after q|k|v and gate|up were searched; their inputs did not, so rounding comes last.
+    # (Rounding in order on recaptured inputs as GPTQ does, tried with a 4x larger search sample, measured no
+    # better here: ppl 7.590 vs 7.554 at g32.)
+    found = {key: awq.quantize_weight(x_in[key], lin.weight, bits, group) for key, lin in names.items()}
+    for key, qt in found.items():
+        _set(names[key], qt)
+    return found
 
 
 def calibrate(model, config, windows: list[list[int]], method: str, bits: int, group: int | None,
-              progress: bool = True) -> dict[str, QTensor]:
+              progress: bool = True, act_order: bool = True) -> dict[str, QTensor]:
     """Layer-by-layer AWQ or GPTQ over calibration windows; returns QTensors by fused module name."""
     lengths = [len(w) for w in windows]
     ids = torch.tensor([t for w in windows for t in w])
@@ -127,13 +150,14 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
         with torch.inference_mode():
             x_in = _capture(names, lambda: layer(x, cos, sin, meta))
         x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
+        run = lambda: layer(x, cos, sin, meta)  # noqa: E731
         if method == "awq":
-            found = _awq_layer(layer, x_in, config, bits, group)
+            found = _awq_layer(layer, names, x_in, config, bits, group)
         else:
-            found = {k: gptq_quantize(lin.weight, hessian(x_in[k]), bits, group) for k, lin in names.items()}
+            found = _quantize_in_order(names, x_in, run, lambda lin, x_: gptq_quantize(
+                lin.weight, hessian(x_), bits, group, act_order))
         del x_in
-        for key, qt in found.items():
-            _set(names[key], qt)
+        for key, qt in found.items():  # already set on the layer by _quantize_in_order
             qts[f"model.layers.{i}.{'self_attn' if key in ('qkv', 'o') else 'mlp'}.{_FIELD[key]}"] = qt
         with torch.inference_mode():
             x = layer(x, cos, sin, meta)
@@ -150,7 +174,7 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
             head.weight.data *= s
             qts["lm_head"] = awq.quantize_weight(h / s, head.weight, bits, group)
         else:
-            qts["lm_head"] = gptq_quantize(head.weight, hessian(h), bits, group)
+            qts["lm_head"] = gptq_quantize(head.weight, hessian(h), bits, group, act_order)
     bar.update(1)
     bar.close()
     return qts
@@ -161,7 +185,7 @@ _FIELD = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "
 
 def quantize_model(model: str, method: str, bits: int, out: str | Path, group_size: int | None = None,
                    samples: int = 32, seq_len: int = 256, seed: int = 0, progress: bool = True,
-                   threads: int | None = None) -> Path:
+                   threads: int | None = None, act_order: bool = True) -> Path:
     from thrifty.models.loader import load
 
     if method not in METHODS:
@@ -188,7 +212,9 @@ def quantize_model(model: str, method: str, bits: int, out: str | Path, group_si
         windows = data.calibration_windows(loaded.tokenizer, samples, seq_len, seed)
         calib = {"samples": len(windows), "seq_len": seq_len, "seed": seed, "tokens": sum(map(len, windows)),
                  **data.describe()}
-        qts = calibrate(loaded.model, loaded.config, windows, method, bits, group, progress)
+        qts = calibrate(loaded.model, loaded.config, windows, method, bits, group, progress, act_order)
+        if method == "gptq":
+            calib["act_order"] = act_order
     tensors = export_tensors(loaded.model, qts)
     meta = {"method": method, "bits": bits, "group_size": group, "source": str(loaded.path),
             "calibration": calib, "seconds": round(time.monotonic() - started, 1)}
