@@ -25,6 +25,7 @@ def test_int8_greedy_matches_bf16(qwen05_gguf):
     assert formats(int8.model) == {"int8": 97}  # 24 layers x (qkv, o, gate|up, down) + the output head
     assert weight_bytes(int8.model)["linear"] < 0.51 * weight_bytes(bf16.model)["linear"]
     same = sum(a == b for a, b in zip(_greedy(int8), ref))
-    # measured 4 of 6 (the two others part at near-ties: "D.C." / "D. C."); the bench's 20-prompt figure is 70 %,
-    # below the 90 % target. This guards against regressions, not the target.
+    # measured 4 of 6 (the two others part at near-ties: "D.C." / "D. C."). `thrifty bench quant` measures the
+    # target: 95 % on 20 chat-templated HumanEval prompts; 75 % on raw code continuations, where fp32 compute of
+    # the bf16 weights itself agrees with bf16 on only 80 %. This guards against regressions, not the target.
     assert same >= 4, same
