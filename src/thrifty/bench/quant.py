@@ -2,8 +2,8 @@
 
 Per format: weight bytes (linear layers incl. the output head, embeddings apart), perplexity on held-out code
 and prose, mean KL vs the bf16 reference, greedy agreement with bf16 (identical 32-token continuations of N
-prompts, batched; two prompt sets, see `prompt_sets`), batch-1 decode tokens/s (128 new tokens after a short prompt) and prefill tokens/s (one
-~1,800-token prompt, time to first token). The reference is the checkpoint dequantized to bf16.
+prompts, batched; two prompt sets, see `prompt_sets`), batch-1 decode tokens/s (128 new tokens after a short
+prompt) and prefill tokens/s (one ~1,800-token prompt, time to first token). The reference is the checkpoint dequantized to bf16.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from thrifty.errors import InvalidRequestError
 
 DEFAULT_FORMATS = "bf16,fp32,int8,int4,awq,gptq,gguf,llamacpp"
 COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "KL vs bf16", "greedy = bf16 chat",
-           "greedy = bf16 text",
-           "decode tok/s", "prefill tok/s")
+           "greedy = bf16 text", "decode tok/s", "prefill tok/s")
 
 
 def add_parser(bsub: argparse._SubParsersAction) -> None:
@@ -253,8 +252,8 @@ def run_quant(args: argparse.Namespace) -> dict:
             del loaded
     return {"suite": "quant", "model": str(args.model), "path": str(path), "rows": rows,
             "targets": _targets(rows, args.group_size), "threads": args.threads, "data": data.describe(),
-            "settings": {k: getattr(args, k) for k in ("max_eval_tokens", "seq_len", "greedy_prompts",
-                                                       "greedy_tokens", "decode_tokens", "prefill_tokens", "group_size")},
+            "settings": {k: getattr(args, k) for k in ("max_eval_tokens", "seq_len", "greedy_prompts", "greedy_tokens",
+                                                       "decode_tokens", "prefill_tokens", "group_size")},
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -305,9 +304,8 @@ def format_report(report: dict) -> str:
             rows.append([r["format"], r["error"]] + [None] * (len(COLUMNS) - 2))
             continue
         rows.append([r["format"], r["linear_weight_bytes"] / 2**20, r["embedding_bytes"] / 2**20, r["ppl_code"],
-                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"],
-                     r.get("greedy_match_vs_bf16_text"), r["decode_tok_s"],
-                     r["prefill_tok_s"]])
+                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"], r.get("greedy_match_vs_bf16_text"),
+                     r["decode_tok_s"], r["prefill_tok_s"]])
     lines = [f"model {report['model']}, {report['threads']} threads, {report['hardware']['cores']} cores, "
              f"torch {report['hardware']['torch']}", "", markdown_table(COLUMNS, rows), ""]
     lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["targets"].items()]
