@@ -3,7 +3,8 @@
 Per format: weight bytes (linear layers incl. the output head, embeddings apart), perplexity on held-out code
 and prose, mean KL vs the bf16 reference, greedy agreement with bf16 (identical 32-token continuations of N
 prompts, batched; two prompt sets, see `prompt_sets`), batch-1 decode tokens/s (128 new tokens after a short
-prompt) and prefill tokens/s (one ~1,800-token prompt, time to first token). The reference is the checkpoint dequantized to bf16.
+prompt) and prefill tokens/s (one ~1,800-token prompt, time to first token). The reference is the checkpoint
+dequantized to bf16.
 """
 from __future__ import annotations
 
