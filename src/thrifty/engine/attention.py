@@ -1,8 +1,9 @@
 """Paged attention: the metadata one step carries, and the torch implementation of the ops.
 
 A step's flat batch holds decode tokens first (one query each), then prefill chunks. Decodes run as one
-batched matmul over their contexts gathered as whole blocks (padded to the longest) (on this CPU a manual bf16 matmul + float32 softmax
-beats SDPA for decode, see FACTS.md); each prefill chunk runs SDPA over its cached prefix plus itself.
+batched matmul over their contexts, gathered as whole blocks and padded to the longest (on this CPU a manual
+bf16 matmul + float32 softmax beats SDPA for decode, see FACTS.md); each prefill chunk runs SDPA over its
+cached prefix plus itself.
 Index tensors and masks are built once per step and shared by every layer.
 """
 from __future__ import annotations

@@ -147,17 +147,17 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
     for i, layer in enumerate(inner.layers):
         names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
                  "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+        run = lambda: layer(x, cos, sin, meta)  # noqa: E731  (this layer on this layer's input)
         with torch.inference_mode():
-            x_in = _capture(names, lambda: layer(x, cos, sin, meta))
+            x_in = _capture(names, run)
         x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
-        run = lambda: layer(x, cos, sin, meta)  # noqa: E731
         if method == "awq":
             found = _awq_layer(layer, names, x_in, config, bits, group)
         else:
             found = _quantize_in_order(names, x_in, run, lambda lin, x_: gptq_quantize(
                 lin.weight, hessian(x_), bits, group, act_order))
         del x_in
-        for key, qt in found.items():  # already set on the layer by _quantize_in_order
+        for key, qt in found.items():  # both methods already put the rounded weights into the layer
             qts[f"model.layers.{i}.{'self_attn' if key in ('qkv', 'o') else 'mlp'}.{_FIELD[key]}"] = qt
         with torch.inference_mode():
             x = layer(x, cos, sin, meta)
