@@ -29,7 +29,7 @@ from thrifty.errors import UnsupportedModelError
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
 DEQUANT_MIN_TOKENS = 32
-_ROW_BLOCK = 64  # the CPU int4 packing works on blocks of 64 rows; shorter matrices are padded with zero rows
+_ROW_BLOCK = 64  # the CPU int4 packing works on blocks of 64 rows (AVX-512) or 32 (AVX2); pad rows to 64
 
 
 class QuantWeight(nn.Module):
@@ -94,26 +94,27 @@ class Int8Weight(QuantWeight):
 
 # ---- int4, group-wise (tinygemm layout) ---------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def cpu_int4_layout_known() -> bool:
-    """True when this torch's CPU int4 packing has the 64-row layout `_unpack_cpu_int4` reads.
+def cpu_int4_block() -> int | None:
+    """Rows per block of this machine's CPU int4 packing (64 with AVX-512, 32 with AVX2), or None when its
+    layout is none that `_unpack_cpu_int4` reads.
 
-    Checked once per process on a small matrix; when it is not (another torch version), prefill steps keep
-    using the kernel itself: slower for long prompts, still exact.
+    Checked once per process on a small matrix; when the layout is unknown (another torch version), prefill
+    steps keep using the kernel itself: slower for long prompts, still exact.
     """
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (2 * _ROW_BLOCK, 96), generator=g, dtype=torch.int32)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return torch.equal(_unpack_cpu_int4(packed, 96).int(), q)
     except (RuntimeError, ValueError):
-        return False
+        return None
+    return next((b for b in (64, 32) if torch.equal(_unpack_cpu_int4(packed, 96, b).int(), q)), None)
 
 
-def _unpack_cpu_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The CPU packing as uint8 [N, K] values 0..15: per 64-row block, K-major, byte j = rows (j, j + 32)."""
+def _unpack_cpu_int4(packed: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """The CPU packing as uint8 [N, K] values 0..15: per block of rows, K-major, byte j = rows (j, j + block/2)."""
     n = packed.numel() * 2 // k
-    blocks = packed.reshape(n // _ROW_BLOCK, k, _ROW_BLOCK // 2)
-    both = torch.cat((blocks & 15, blocks >> 4), dim=-1)            # [n/64, K, 64]
+    blocks = packed.reshape(n // block, k, block // 2)
+    both = torch.cat((blocks & 15, blocks >> 4), dim=-1)            # [n/block, K, block]
     return both.transpose(1, 2).reshape(n, k)
 
 
@@ -146,7 +147,7 @@ class Int4Weight(QuantWeight):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scales_and_zeros", zeros.to(device=device, dtype=dtype))
-        self.dequant_prefill = not self.cuda_kernel and cpu_int4_layout_known()
+        self.dequant_prefill = not self.cuda_kernel and cpu_int4_block() is not None
 
     @property
     def label(self) -> str:
@@ -171,10 +172,11 @@ class Int4Weight(QuantWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
-        if self.cuda_kernel or not cpu_int4_layout_known():  # x = I recovers W^T through the kernel itself
+        block = None if self.cuda_kernel else cpu_int4_block()
+        if block is None:  # x = I recovers W^T through the kernel itself
             eye = torch.eye(k, dtype=self.scales_and_zeros.dtype, device=self.packed.device)
             return self._kernel(eye).t().to(dtype).contiguous()
-        q = _unpack_cpu_int4(self.packed, k)[:n]
+        q = _unpack_cpu_int4(self.packed, k, block)[:n]
         sz = self.scales_and_zeros[:, :n].to(dtype)                   # [K/g, N, 2]
         scale = sz[..., 0].t()[:, :, None]
         offset = (sz[..., 1].t() - 8 * sz[..., 0].t())[:, :, None]
