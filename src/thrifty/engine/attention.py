@@ -1,8 +1,9 @@
 """Paged attention: the metadata one step carries, and the torch implementation of the ops.
 
 A step's flat batch holds decode tokens first (one query each), then prefill chunks. Decodes run as one
-batched matmul over their contexts, gathered as whole blocks and padded to the longest (on this CPU a manual
-bf16 matmul + float32 softmax beats SDPA for decode, see FACTS.md); each prefill chunk runs SDPA over its
+batched matmul over their contexts, gathered as whole blocks and padded to the longest (on CPUs a manual
+matmul + float32 softmax beats SDPA for decode, see FACTS.md; in float32 where bf16 math is emulated, see
+thrifty.models.precision); each prefill chunk runs SDPA over its
 cached prefix plus itself.
 Index tensors and masks are built once per step and shared by every layer.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from thrifty.engine.kv_cache import LayerKVCache
+from thrifty.models.precision import matmul_dtype
 
 NEG_INF = float("-inf")
 
@@ -123,12 +125,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
             window: int | None) -> torch.Tensor:
     b, h, d = q.shape
-    keys, values = cache.read_blocks(meta.decode_blocks, q.dtype)   # [Hkv, B, L, D], L = whole blocks
+    dt = matmul_dtype(q.dtype, q.device, b * h)                     # float32 where bf16 math is emulated
+    keys, values = cache.read_blocks(meta.decode_blocks, dt)       # [Hkv, B, L, D], L = whole blocks
     hkv = keys.shape[0]
-    qg = q.view(b, hkv, h // hkv, d).transpose(0, 1)               # [Hkv, B, G, D]: query heads by KV head
+    qg = q.to(dt).view(b, hkv, h // hkv, d).transpose(0, 1)        # [Hkv, B, G, D]: query heads by KV head
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float()      # [Hkv, B, G, L]
-    probs = torch.softmax(scores * scale + meta.decode_mask(window), dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).transpose(0, 1).reshape(b, h, d)
+    probs = torch.softmax(scores * scale + meta.decode_mask(window), dim=-1).to(dt)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty.models import precision
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as the reference implementations do, then cast back."""
@@ -69,7 +71,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return precision.linear(x, self.weight, self.bias)
 
     # ---- weight formats ---------------------------------------------------------------------------------
     @property

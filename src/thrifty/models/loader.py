@@ -29,7 +29,8 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bf16: fast matmuls on both this CPU (avx512_bf16) and GPUs; fp16 is unusable on CPU (FACTS.md)."""
+    """'auto' is bf16: half the bytes of float32 for weights, activations and KV; where a CPU has no bf16 math,
+    GEMMs upcast to float32 (thrifty.models.precision). fp16 is unusable on CPU (FACTS.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

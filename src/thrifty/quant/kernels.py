@@ -22,10 +22,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from thrifty.errors import UnsupportedModelError
+from thrifty.models import precision
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
 DEQUANT_MIN_TOKENS = 32
@@ -47,6 +47,10 @@ class QuantWeight(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 W^T through the dequantized weight: one GEMM, in the dtype this machine multiplies fastest."""
+        return precision.linear(x2, self.dequantize(precision.matmul_dtype(x2.dtype, x2.device, x2.shape[0])))
 
     @property
     def label(self) -> str:  # pragma: no cover
@@ -81,10 +85,10 @@ class Int8Weight(QuantWeight):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
-        scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
         if x.is_cuda or x2.shape[0] >= DEQUANT_MIN_TOKENS:
-            y = F.linear(x2, self.q.to(x.dtype)) * scale
+            y = self._dense(x2)
         else:
+            scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, scale)
         return _finish(y, x, bias)
 
@@ -165,7 +169,7 @@ class Int4Weight(QuantWeight):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
         if self.dequant_prefill and x2.shape[0] >= DEQUANT_MIN_TOKENS:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = self._dense(x2)
         else:
             y = self._kernel(x2)
         return _finish(y, x, bias)
@@ -203,7 +207,7 @@ class Int8GroupWeight(QuantWeight):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
         if self.lo.dequant_prefill and x2.shape[0] >= DEQUANT_MIN_TOKENS:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = self._dense(x2)
         else:
             y = self.lo._kernel(x2) + self.hi._kernel(x2)
         return _finish(y, x, bias)
@@ -227,7 +231,7 @@ class Fp8Weight(QuantWeight):
         return "fp8-e4m3"
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return _finish(self._dense(_flat(x)), x, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.q.to(dtype) * self.scale.to(dtype)
