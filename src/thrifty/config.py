@@ -99,8 +99,8 @@ class CacheSettings:
     semantic: bool = False
     embedder: str = "all-minilm-l6-v2"
     same_words: float = 0.30                 # guard thresholds (thrifty.gateway.cache.guard.GuardConfig)
-    small_edit: float = 0.95
-    reworded: float = 0.84
+    small_edit: float | None = None          # None: a swapped word outside the synonym lexicon never hits
+    reworded: float | None = None            # None: a larger rewording never hits
     semantic_max_chars: int = 2000           # longer texts: exact cache only
     timeout_ms: float | None = None          # per store call; default 50 (redis), 1000 (embedded)
     breaker_failures: int = 3                # errors in a row that open the circuit

@@ -38,15 +38,15 @@ import numpy as np
 
 @dataclass(slots=True)
 class GuardConfig:
-    same_words: float = 0.30      # cosine needed when the content words agree
-    small_edit: float = 0.95      # cosine needed when one short phrase is swapped for another
-    reworded: float = 0.84        # cosine needed for a larger rewording
-    max_swap_words: int = 2       # a swap of more words than this is a rewording
+    same_words: float = 0.30          # cosine needed when the content words agree
+    small_edit: float | None = None   # cosine needed when one short phrase is swapped for another (None: never)
+    reworded: float | None = None     # cosine needed for a larger rewording (None: never)
+    max_swap_words: int = 2           # a swap of more words than this is a rewording
 
     @property
     def floor(self) -> float:
         """The lowest cosine any branch accepts: candidates below it are not worth checking."""
-        return min(self.same_words, self.small_edit, self.reworded)
+        return min(t for t in (self.same_words, self.small_edit, self.reworded) if t is not None)
 
 
 @dataclass(slots=True)
@@ -58,102 +58,28 @@ class Decision:
     added: tuple[str, ...] = ()
 
 
-# ---- word lists (general English, not the evaluation data) --------------------------------------------
-_STOP = set("""
-a an the and or but if then so of to in on at by for with from into onto about as than that this these those
-there here it its it's is are was were be been being am do does did doing done have has had having will would
-shall should can could may might must i me my mine myself you your yours yourself we us our ours he him his
-she her hers they them their theirs what which who whom whose when where why how whether any some each every
-all both either also just only very too quite really much many more most such own same other another up out
-off over again once get got getting go going goes way ways one's let's
-""".split())
-_FILLER = set("""
-um uh erm hmm hi hello hey ok okay so sorry silly quick question please thanks thank cheers well actually
-basically like just wondering wonder need want tell know anyone help kindly exactly currently possible
-""".split())
-_NEGATIONS = {"not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "without",
-              "cannot", "lack", "lacking", "unable"}
-_NEG_PREFIXES = ("un", "non", "dis", "in", "im", "il", "ir", "de", "anti")
-_OPPOSITES = [
-    ("open", "closed"), ("open", "close"), ("opening", "closing"), ("accept", "decline"), ("accept", "reject"),
-    ("approve", "reject"), ("approved", "rejected"), ("approved", "denied"), ("allow", "forbid"),
-    ("allowed", "banned"), ("allowed", "forbidden"), ("allowed", "prohibited"), ("include", "exclude"),
-    ("included", "excluded"), ("includes", "excludes"), ("cover", "exclude"), ("eat", "avoid"),
-    ("safe", "dangerous"), ("on", "off"), ("start", "stop"), ("start", "end"), ("begin", "end"),
-    ("enable", "disable"), ("enabled", "disabled"), ("add", "remove"), ("add", "delete"), ("buy", "sell"),
-    ("before", "after"), ("increase", "decrease"), ("increase", "reduce"), ("rise", "fall"), ("raise", "lower"),
-    ("maximum", "minimum"), ("max", "min"), ("more", "less"), ("more", "fewer"), ("most", "least"),
-    ("cheap", "expensive"), ("cheapest", "expensive"), ("win", "lose"), ("pass", "fail"), ("up", "down"),
-    ("upgrade", "downgrade"), ("lock", "unlock"), ("public", "private"), ("join", "leave"),
-    ("arrive", "depart"), ("arrival", "departure"), ("import", "export"), ("send", "receive"),
-    ("sent", "received"), ("subscribe", "unsubscribe"), ("hot", "cold"), ("early", "late"),
-    ("earliest", "latest"), ("first", "last"), ("always", "never"), ("encrypt", "decrypt"),
-    ("upload", "download"), ("inbound", "outbound"), ("incoming", "outgoing"), ("input", "output"),
-    ("minimum", "maximum"), ("above", "below"), ("over", "under"), ("inside", "outside"), ("in", "out"),
-    ("with", "without"), ("true", "false"), ("yes", "no"), ("success", "failure"), ("succeed", "fail"),
-    ("positive", "negative"), ("gain", "loss"), ("profit", "loss"), ("credit", "debit"), ("deposit", "withdraw"),
-    ("lend", "borrow"), ("push", "pull"), ("show", "hide"), ("visible", "hidden"), ("legal", "illegal"),
-    ("valid", "invalid"), ("full", "empty"), ("new", "old"), ("young", "old"), ("big", "small"),
-    ("large", "small"), ("long", "short"), ("high", "low"), ("fast", "slow"), ("easy", "hard"),
-    ("easy", "difficult"), ("good", "bad"), ("best", "worst"), ("better", "worse"), ("right", "wrong"),
-    ("right", "left"), ("north", "south"), ("east", "west"), ("morning", "evening"), ("day", "night"),
-    ("weekday", "weekend"), ("import", "export"), ("install", "uninstall"), ("connect", "disconnect"),
-    ("login", "logout"), ("sign in", "sign out"), ("mount", "unmount"), ("free", "paid"), ("online", "offline"),
-    ("increase", "cut"), ("keep", "cancel"), ("activate", "deactivate"), ("turn on", "turn off"),
-]
-_OPPOSITE = {}
-for _a, _b in _OPPOSITES:
-    _OPPOSITE.setdefault(_a, set()).add(_b)
-    _OPPOSITE.setdefault(_b, set()).add(_a)
-
-_UNITS = {"zero": 0, "none": None, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-          "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
-          "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
-          "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
-          "hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "dozen": 12, "half": 0.5,
-          "quarter": 0.25, "twice": 2, "double": 2, "triple": 3, "single": 1, "once": 1, "couple": 2,
-          "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
-          "ninth": 9, "tenth": 10, "twelfth": 12, "twentieth": 20, "thirtieth": 30}
-_MONTHS = set("january february march april may june july august september october november december jan feb mar "
-              "apr jun jul aug sep sept oct nov dec monday tuesday wednesday thursday friday saturday sunday "
-              "mondays tuesdays wednesdays thursdays fridays saturdays sundays weekday weekdays weekend weekends weeknight "
-              "weeknights today tomorrow yesterday tonight weekly monthly yearly daily annual annually fortnightly "
-              "spring summer autumn fall winter christmas easter".split())
-
-_CONTRACTIONS = [(r"\bcan['’]t\b", "can not"), (r"\bwon['’]t\b", "will not"), (r"\bshan['’]t\b", "shall not"),
-                 (r"n['’]t\b", " not"), (r"\bcannot\b", "can not"), (r"['’]re\b", " are"), (r"['’]m\b", " am"),
-                 (r"['’]ve\b", " have"), (r"['’]ll\b", " will"), (r"['’]d\b", " would"), (r"['’]s\b", ""),
-                 (r"s['’](?=\s|$)", "s")]
-_WORD = re.compile(r"[a-z0-9]+(?:[.'_][a-z0-9]+)*")
-_RAW_TOKEN = re.compile(r"[A-Za-z0-9£$€%]+(?:[._:/,'’-][A-Za-z0-9]+)*")
-_NUM = re.compile(r"\d+(?:[.,:]\d+)*")
-
-
-_BARE = {"whats": "what is", "hows": "how is", "wheres": "where is", "whos": "who is", "dont": "do not",
-         "doesnt": "does not", "didnt": "did not", "cant": "can not", "wont": "will not", "isnt": "is not",
-         "arent": "are not", "wasnt": "was not", "shouldnt": "should not", "couldnt": "could not",
-         "wouldnt": "would not", "havent": "have not", "hasnt": "has not", "im": "i am", "ive": "i have",
-         "youre": "you are", "theres": "there is"}
-_LEADING_FILLER = re.compile(
-    r"^\s*(?:(?:um+|uh+|erm|hmm+|hi|hello|hey|good (?:morning|afternoon|evening)|morning|afternoon|evening|"
-    r"ok(?:ay)?|so|right|quick question|sorry[^,.!?]{0,40}|silly question|just wondering|"
-    r"i was wondering|i wonder|please|hi there|hey there)\s*[,.!?:-]*\s+)+", re.I)
+from thrifty.gateway.cache.lexicon import (BARE, CONTRACTIONS, FILLER, LEADING_FILLER, LIGHT, MONTHS, NEG_PREFIXES,
+                                           NEGATIONS, NUM, OPPOSITE, PERIODS, PHRASES, RAW_TOKEN, STOP, SYNONYM, UNITS,
+                                           WORD)
 
 
 def normalize(text: str) -> str:
     """Lower case, NFKC, contractions expanded, greetings and hedges at the start dropped, hyphens split:
     the form words are compared in."""
     t = unicodedata.normalize("NFKC", text).lower().strip()
-    t = _LEADING_FILLER.sub("", t)
+    t = LEADING_FILLER.sub("", t)
     t = re.sub(r"^(?:but|and|so)\s+", "", t)
-    for pat, rep in _CONTRACTIONS:
+    for pat, rep in CONTRACTIONS:
         t = re.sub(pat, rep, t)
-    t = re.sub(r"[a-z]+", lambda m: _BARE.get(m.group(0), m.group(0)), t)
-    return t.replace("-", " ").replace("/", " ")
+    t = re.sub(r"[a-z]+", lambda m: BARE.get(m.group(0), m.group(0)), t)
+    t = t.replace("-", " ").replace("/", " ")
+    for pat, rep in PHRASES:
+        t = re.sub(pat, rep, t)
+    return t
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(normalize(text))
+    return WORD.findall(normalize(text))
 
 
 def _stem(w: str) -> str:
@@ -200,7 +126,7 @@ def numbers(text: str) -> list[float]:
     """Every number in the text: digits (1,000 / 9:15 / 3rd / 2-hour) and number words, sorted."""
     out: list[float] = []
     t = unicodedata.normalize("NFKC", text).lower()
-    for m in _NUM.finditer(t):
+    for m in NUM.finditer(t):
         s = m.group(0)
         pm = re.match(r"\s*(am|pm|a\.m\.|p\.m\.)(?![a-z])", t[m.end():])
         if pm:  # clock times: "2pm" == "14:00"
@@ -220,25 +146,37 @@ def numbers(text: str) -> list[float]:
             out.append(float(s))
         except ValueError:
             out.append(float(hash(s) % 10**9))
-    for w in words(t.replace("-", " ")):
-        if w in _UNITS and _UNITS[w] is not None and not _NUM.fullmatch(w):
-            out.append(float(_UNITS[w]))
-        elif w in _MONTHS:  # a date word is a number of its own kind; plural == singular
-            key = w[:-1] if w.endswith("s") and w[:-1] in _MONTHS else w
+    ws = words(t.replace("-", " "))
+    for i, w in enumerate(ws):
+        if w == "one" and _pronoun_one(ws, i):
+            continue
+        if w in UNITS and UNITS[w] is not None and not NUM.fullmatch(w):
+            out.append(float(UNITS[w]))
+        elif w in MONTHS:  # a date word is a number of its own kind; plural == singular
+            key = w[:-1] if w.endswith("s") and w[:-1] in MONTHS else w
+            key = PERIODS.get(key, key)
             key = {"weekday": "weekday", "weekend": "weekend"}.get(key, key[:3] if len(key) > 6 else key)
             out.append(float(1e12 + sum(ord(c) * 31 ** i for i, c in enumerate(key)) % 10**9))
     return sorted(out)
 
 
+def _pronoun_one(ws: list[str], i: int) -> bool:
+    """"one" standing for a thing ("a new one", "one of my tablets", "on my own"), not a count."""
+    before = ws[i - 1] if i else ""
+    after = ws[i + 1] if i + 1 < len(ws) else ""
+    return before in ("a", "the", "this", "that", "which", "new", "another", "each", "any", "every", "no", "old",
+                      "right", "wrong", "other") or after in ("of", "", "or")
+
+
 def _negation_count(ws: list[str]) -> int:
-    return sum(w in _NEGATIONS for w in ws)
+    return sum(w in NEGATIONS for w in ws)
 
 
 def _prefix_flip(wa: set[str], wb: set[str]) -> bool:
     """A word on one side is a word of the other side with a negating prefix ("unsafe" / "safe")."""
     for x, y in ((wa, wb), (wb, wa)):
         for w in x - y:
-            for p in _NEG_PREFIXES:
+            for p in NEG_PREFIXES:
                 if w.startswith(p) and len(w) - len(p) >= 3 and w[len(p):] in y:
                     return True
     return False
@@ -258,14 +196,14 @@ def _opposed(wa: list[str], wb: list[str]) -> str | None:
     sb = set().union(*(_forms(w) for w in wb)) if wb else set()
     ja, jb = " ".join(wa), " ".join(wb)
     for w in sa ^ sb:
-        for opp in _OPPOSITE.get(w, ()):
+        for opp in OPPOSITE.get(w, ()):
             mine, other = (sa, sb) if w in sa else (sb, sa)
             if " " in opp:
                 if opp in (jb if mine is sa else ja) and opp not in (ja if mine is sa else jb):
                     return f"{w}/{opp}"
             elif opp in other and opp not in mine and w not in other:
                 return f"{w}/{opp}"
-    for phrase, opps in _OPPOSITE.items():
+    for phrase, opps in OPPOSITE.items():
         if " " in phrase:
             for opp in opps:
                 if (phrase in ja and opp in jb and phrase not in jb) or (phrase in jb and opp in ja and phrase not in ja):
@@ -286,7 +224,7 @@ def _roles(ws: list[str]) -> dict[str, str]:
         n = len(parts)
         for i in range(len(ws) - n + 1):
             if ws[i:i + n] == parts:
-                nxt = next((w for w in ws[i + n:i + n + 4] if w not in _STOP), None)
+                nxt = next((w for w in ws[i + n:i + n + 4] if w not in STOP), None)
                 if nxt is not None:
                     out.setdefault(role, nxt)
     return out
@@ -308,7 +246,7 @@ def names(text: str) -> list[str]:
     t = unicodedata.normalize("NFKC", text)
     out: list[str] = [m.lower() for m in re.findall(r"`([^`]+)`", t)]
     sentence_start = True
-    for m in _RAW_TOKEN.finditer(t):
+    for m in RAW_TOKEN.finditer(t):
         tok = m.group(0).rstrip(".,:;'’")
         before = t[max(0, m.start() - 2):m.start()]
         if m.start() == 0 or re.search(r"[.!?\n]\s*$", before):
@@ -319,7 +257,7 @@ def names(text: str) -> list[str]:
         is_acronym = len(base) >= 2 and base.isupper() and base.isalpha() and base not in ("OK", "AM", "PM")
         is_name = (base[:1].isupper() and not re.fullmatch(r"I(['’](m|ve|d|ll))?|OK|Ok", base)
                    and not sentence_start)
-        if base.lower() in _MONTHS or base.lower().rstrip("s") in _MONTHS:
+        if base.lower() in MONTHS or base.lower().rstrip("s") in MONTHS:
             is_name = is_acronym = is_code = False  # dates are compared as numbers
         if is_code or is_acronym or is_name:
             out.append(base.lower())
@@ -328,12 +266,26 @@ def names(text: str) -> list[str]:
 
 
 def _content(ws: list[str]) -> list[str]:
-    return [w for w in ws if w not in _STOP and w not in _FILLER and w not in _NEGATIONS
-            and not _NUM.fullmatch(w) and w not in _UNITS]
+    return [w for w in ws if w not in STOP and w not in FILLER and w not in LIGHT and w not in NEGATIONS
+            and not NUM.fullmatch(w) and w not in UNITS]
+
+
+def _canon(w: str) -> str | None:
+    for f in (w, _stem(w), _stem(w) + "e", w[:-1] if w.endswith("s") else w):
+        if f in SYNONYM:
+            return SYNONYM[f]
+    return None
+
+
+def _synonyms(a: str, b: str) -> bool:
+    """Both words sit in one group of the general synonym lexicon (inflections forgiven)."""
+    ca = _canon(a)
+    return ca is not None and ca == _canon(b)
 
 
 def _unmatched(xa: list[str], xb: list[str]) -> tuple[list[str], list[str]]:
-    """Content words of each side with no counterpart (exact first, then inflection / typo) on the other."""
+    """Content words of each side with no counterpart (exact first, then inflection / typo / synonym) on the
+    other."""
     rest_b = list(xb)
     left_a: list[str] = []
     for w in xa:
@@ -343,7 +295,7 @@ def _unmatched(xa: list[str], xb: list[str]) -> tuple[list[str], list[str]]:
             left_a.append(w)
     still_a = []
     for w in left_a:
-        j = next((j for j, v in enumerate(rest_b) if _close(w, v)), None)
+        j = next((j for j, v in enumerate(rest_b) if _close(w, v) or _synonyms(w, v)), None)
         if j is None:
             still_a.append(w)
         else:
@@ -419,13 +371,17 @@ class Guard:
         if not removed or not added:
             if len(removed) + len(added) <= cfg.max_swap_words:
                 return Decision(False, "words only added or removed", similarity, r, a)
-            ok = similarity >= cfg.reworded
-            return Decision(ok, "reworded" if ok else "below reworded threshold", similarity, r, a)
+            return self._by_cosine(cfg.reworded, "reworded", similarity, r, a)
         if len(removed) <= cfg.max_swap_words and len(added) <= cfg.max_swap_words:
-            ok = similarity >= cfg.small_edit
-            return Decision(ok, "small edit" if ok else "below small-edit threshold", similarity, r, a)
-        ok = similarity >= cfg.reworded
-        return Decision(ok, "reworded" if ok else "below reworded threshold", similarity, r, a)
+            return self._by_cosine(cfg.small_edit, "small edit", similarity, r, a)
+        return self._by_cosine(cfg.reworded, "reworded", similarity, r, a)
+
+    @staticmethod
+    def _by_cosine(threshold: float | None, kind: str, similarity: float, r: tuple, a: tuple) -> Decision:
+        if threshold is None:
+            return Decision(False, f"{kind}: off", similarity, r, a)
+        ok = similarity >= threshold
+        return Decision(ok, kind if ok else f"below {kind} threshold", similarity, r, a)
 
 
 def cosine(u: np.ndarray, v: np.ndarray) -> float:
