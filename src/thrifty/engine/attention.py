@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from thrifty import native
 from thrifty.engine.kv_cache import LayerKVCache
 from thrifty.models.precision import matmul_dtype
 
@@ -109,6 +110,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     """q: [T, H, D]; k, v: [T, Hkv, D] for the step's new tokens. Writes k, v to the cache; returns [T, H, D]."""
     cache = meta.kv_caches[layer]
     cache.write(k, v, meta.slot_mapping)
+    if not meta.prefills:                       # a pure decode step: no output buffer to assemble
+        return _decode(q, cache, meta, scale, window)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[:meta.num_decodes] = _decode(q[:meta.num_decodes], cache, meta, scale, window)
@@ -125,6 +128,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
             window: int | None) -> torch.Tensor:
     b, h, d = q.shape
+    if native.runs(q) and native.runs(cache.k) and d % 8 == 0:    # one fused kernel over the blocks
+        return native.decode_attention(q, cache.k, cache.v, meta.decode_blocks, meta.decode_context_lens, scale,
+                                       window)
     dt = matmul_dtype(q.dtype, q.device, b * h)                     # float32 where bf16 math is emulated
     keys, values = cache.read_blocks(meta.decode_blocks, dt)       # [Hkv, B, L, D], L = whole blocks
     hkv = keys.shape[0]

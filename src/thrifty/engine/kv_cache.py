@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thrifty import native
 from thrifty.errors import InvalidRequestError
 from thrifty.models.config import ModelConfig
 
@@ -67,6 +68,9 @@ class LayerKVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [T, Hkv, D] for the T slots."""
+        if native.runs(k) and native.runs(self.k) and k.shape[-1] % 8 == 0:
+            native.kv_write_(self.k, self.v, k, v, slots)
+            return
         self._k_slots.index_copy_(1, slots, k.transpose(0, 1).to(self.k.dtype))
         self._v_slots.index_copy_(1, slots, v.transpose(0, 1).to(self.v.dtype))
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty import native
 from thrifty.models import precision
 
 
@@ -18,6 +19,11 @@ class RMSNorm(nn.Module):
         self.offset = offset  # Gemma stores (weight - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous() and native.runs(x):
+            return native.rms_norm(x, self.weight, self.eps, self.offset)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -51,6 +57,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q [T, H, D] and k [T, Hkv, D]; the fused kernel works in place (on a projection's fresh output)."""
+    if native.runs(q) and cos.dtype == q.dtype:
+        native.rope_(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 class Linear(nn.Module):
     """y = x W^T + b. The one place weight formats plug in.
 
@@ -70,7 +85,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return self.qweight(x, self.bias)
+            return self.qweight.forward(x, self.bias)   # not __call__: no hooks live there, and it is per call
         return precision.linear(x, self.weight, self.bias)
 
     # ---- weight formats ---------------------------------------------------------------------------------
@@ -180,5 +195,8 @@ class SwiGLU(nn.Module):
         self.act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dim() == 2 and native.runs(gate_up):
+            return self.down_proj(native.act_mul(gate_up, gelu=self.act is not F.silu))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)

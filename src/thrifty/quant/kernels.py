@@ -26,6 +26,7 @@ from torch import nn
 
 from thrifty.errors import UnsupportedModelError
 from thrifty.models import precision
+from thrifty import native
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
 DEQUANT_MIN_TOKENS = 32
@@ -237,9 +238,66 @@ class Fp8Weight(QuantWeight):
         return self.q.to(dtype) * self.scale.to(dtype)
 
 
+# ---- thrifty's own CPU kernel (thrifty.native), for bf16 compute ------------------------------------------
+class NativeWeight(QuantWeight):
+    """4- or 8-bit values with a float16 scale (and min) per group, on `native.qgemv` for few-token steps.
+
+    qgemv quantizes the activations to int8 (one scale per 32 values), so it serves bf16 compute, which is
+    approximate anyway; float32 compute keeps the exact torch-kernel formats above.
+    """
+
+    def __init__(self, qt: QTensor, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qt.shape
+        self.bits, self.group_size = qt.bits, qt.group_size
+        q = native.pack_int4(qt.q) if qt.bits == 4 else qt.q.to(torch.int8)
+        self.register_buffer("packed", _aligned(q.to(device)))
+        self.register_buffer("scales", qt.scale.to(device=device, dtype=torch.float16).contiguous())
+        self.register_buffer("mins", None if qt.offset is None else
+                             qt.offset.to(device=device, dtype=torch.float16).contiguous())
+
+    @staticmethod
+    def takes(qt: QTensor, dtype: torch.dtype, device: torch.device) -> bool:
+        """bf16 compute on a CPU where qgemv runs, a shape it takes, scales and mins that float16 holds."""
+        if dtype != torch.bfloat16 or device.type != "cpu" or qt.kind != "int" or qt.bits not in (4, 8):
+            return False
+        if not native.supports(qt.shape[1], qt.group_size) or not native.available():
+            return False
+        return all(_fits_fp16(t) for t in (qt.scale, qt.offset) if t is not None)
+
+    @property
+    def label(self) -> str:
+        if self.bits == 4:
+            return f"int4-g{self.group_size}"
+        return "int8" if self.group_size == self.in_features else f"int8-g{self.group_size}"
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else _flat(x)
+        if x2.shape[0] >= DEQUANT_MIN_TOKENS:
+            return _finish(self._dense(x2), x, bias)
+        y = native.qgemv(x2, self.packed, self.scales, self.mins, bias, self.bits, self.group_size)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = native.unpack_int4(self.packed) if self.bits == 4 else self.packed
+        n, k, g = self.out_features, self.in_features, self.group_size
+        w = q.to(torch.float32).view(n, k // g, g) * self.scales.float()[:, :, None]
+        if self.mins is not None:
+            w = w + self.mins.float()[:, :, None]
+        return w.view(n, k).to(dtype)
+
+
+def _fits_fp16(t: torch.Tensor) -> bool:
+    """Every value is finite in float16: normal ones keep 0.05 %; subnormal ones (|v| < 6.1e-5, the scales of
+    nearly constant groups) are off by at most 3e-8, absolute."""
+    return bool((t.abs() <= 65504).all())
+
+
 def pack(qt: QTensor, dtype: torch.dtype, device: torch.device | str = "cpu") -> QuantWeight:
     """The kernel format for a QTensor."""
     device = torch.device(device)
+    if NativeWeight.takes(qt, dtype, device):
+        return NativeWeight(qt, dtype, device)
     if qt.kind == "fp8":
         return Fp8Weight(qt, dtype, device)
     if qt.bits == 8 and qt.per_channel and qt.offset is None:

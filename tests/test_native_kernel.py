@@ -1,0 +1,123 @@
+"""thrifty's few-token matmul (thrifty.native, csrc/qgemv.cpp) against a slow, obvious reference.
+
+qgemv quantizes each 32 activations to int8 (scale = max|x| / 127, round half to even) and then computes
+W x' exactly for that x'; the reference does the same in float64, so the comparison is tight. A second check
+bounds the distance to the plain float product, which is what the model sees.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thrifty import native
+from thrifty.quant import kernels
+from thrifty.quant.kernels import pack
+from thrifty.quant.qtensor import QTensor, quantize_int4, quantize_int8
+
+HAS_AVX2 = {"avx2", "fma", "f16c"} <= native._cpu_flags()
+needs_kernel = pytest.mark.skipif(not HAS_AVX2, reason="qgemv needs AVX2, FMA and F16C")
+
+
+def test_kernel_builds_where_the_cpu_can_run_it():
+    if HAS_AVX2:
+        assert native.available(), native.unavailable_reason()
+    else:
+        assert not native.available()
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(0, 16, (5, 192), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = native.pack_int4(q)
+    assert packed.shape == (5, 96)
+    assert torch.equal(native.unpack_int4(packed), q)
+    # byte j of each 64-value block holds values j (low nibble) and j + 32 (high nibble)
+    assert int(packed[0, 0]) == int(q[0, 0]) | int(q[0, 32]) << 4
+
+
+def _emulate(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W x' in float64, x' = x quantized per 32 values as the kernel does (float32 arithmetic for the scales)."""
+    m, k = x.shape
+    xc = x.view(m, k // 32, 32)
+    d = xc.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    xq = torch.round(xc * inv) * d
+    return xq.view(m, k).double() @ w.double().t()
+
+
+def _weights(bits: int, n: int, k: int, group: int, mins: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        packed = native.pack_int4(q)
+    else:
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int16, generator=g).to(torch.int8)   # -128 included
+        packed = q
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).half()
+    offs = (torch.randn(n, k // group, generator=g) * 0.1).half() if mins else None
+    w = q.float().view(n, k // group, group) * scales.float()[:, :, None]
+    if offs is not None:
+        w = w + offs.float()[:, :, None]
+    return packed, scales, offs, w.view(n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,group", [(37, 128, 32), (64, 192, 64), (130, 256, 128), (9, 320, 320)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("mins", [True, False])
+def test_qgemv_is_exact_for_the_activations_it_quantizes(bits, n, k, group, m, mins):
+    packed, scales, offs, w = _weights(bits, n, k, group, mins, seed=n + k + m)
+    for seed in range(2):                                    # fresh random inputs, one with a zero chunk
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * (1 + 3 * seed)
+        if seed:
+            x[0, :32] = 0
+        y = native.qgemv(x, packed, scales, offs, None, bits, group)
+        ref = _emulate(x, w)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
+        exact = x.double() @ w.double().t()                    # activation rounding: ~1/250 of max|x| a chunk
+        assert ((y.double() - exact).norm() / exact.norm()) < 2e-2
+
+
+@needs_kernel
+def test_qgemv_rejects_bad_shapes():
+    packed, scales, offs, _ = _weights(4, 8, 128, 32, True, 0)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        native.qgemv(torch.randn(1, 96), packed[:, :48].contiguous(), scales[:, :3].contiguous(), None, None, 4, 32)
+    with pytest.raises(RuntimeError, match="wrong shape"):
+        native.qgemv(torch.randn(1, 128), packed[:, :32].contiguous(), scales, offs, None, 4, 32)
+    with pytest.raises(RuntimeError, match="scales"):
+        native.qgemv(torch.randn(1, 128), packed, scales.float(), offs, None, 4, 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("make", [lambda w: quantize_int4(w, 32), lambda w: quantize_int4(w, 128), quantize_int8])
+def test_bf16_compute_packs_onto_qgemv_and_float32_stays_exact(make):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    qt = make(w)
+    fast, exact = pack(qt, torch.bfloat16), pack(qt, torch.float32)
+    assert isinstance(fast, kernels.NativeWeight) and not isinstance(exact, kernels.NativeWeight)
+    assert fast.label == exact.label
+    # float16 scales and mins: each term of w = q * scale + min moves by at most float16's half-ulp, 2^-11
+    scale = qt.scale.repeat_interleave(qt.group_size, dim=1)
+    offset = 0 if qt.offset is None else qt.offset.repeat_interleave(qt.group_size, dim=1).abs()
+    bound = 2.0 ** -11 * (qt.q.float().abs() * scale + offset)
+    assert ((fast.dequantize() - qt.dequantize()).abs() <= bound + 1e-9).all()
+    for m in (1, 3, kernels.DEQUANT_MIN_TOKENS):              # qgemv, and the dequantize + GEMM path
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
+        ref = x.float() @ qt.dequantize().t()
+        assert ((fast(x, None).float() - ref).norm() / ref.norm()) < 1.5e-2
+
+
+def test_scales_outside_float16_keep_the_torch_kernels():
+    qt = QTensor(torch.zeros(64, 128, dtype=torch.uint8), torch.full((64, 4), 1e5), torch.zeros(64, 4), 4, 32)
+    assert not isinstance(pack(qt, torch.bfloat16), kernels.NativeWeight)
+
+
+@needs_kernel
+def test_tiny_scales_lose_only_a_tiny_absolute_amount():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 1e-4   # scales ~1e-6: subnormal
+    qt = quantize_int8(w)
+    fast = pack(qt, torch.bfloat16)
+    assert isinstance(fast, kernels.NativeWeight)
+    assert (fast.dequantize() - qt.dequantize()).abs().max() <= 127 * 2.0 ** -25
