@@ -49,8 +49,15 @@ def test_embedder_matches_sentence_transformers(monkeypatch):
     from thrifty.models import zoo
 
     texts = ["How do I reset my password?", "What's the weather in Paris tomorrow?", "def add(a, b): return a + b"]
-    ours = Embedder.from_zoo().embed(texts)
     ref = st.SentenceTransformer(str(zoo.resolve("all-minilm-l6-v2")), device="cpu").encode(
         texts, normalize_embeddings=True)
-    assert np.abs(ours - ref).max() < 1e-4
+    fp32 = Embedder.from_zoo(precision="fp32")
+    assert np.abs(fp32.embed(texts) - ref).max() < 1e-4                            # padded batch
+    assert np.abs(np.stack([fp32.embed_one(t) for t in texts[::-1]])[::-1] - ref).max() < 1e-4  # one by one
+    int8 = Embedder.from_zoo()  # the cache's default: dynamic int8 GEMMs
+    ours = int8.embed(texts)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert (ours * ref).sum(1).min() > 0.98
+    # a vector never depends on the batch it was embedded in (activation scales are per text)
+    int8.forget()
+    assert np.array_equal(int8.embed_one(texts[1]), ours[1])

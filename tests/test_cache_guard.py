@@ -63,3 +63,32 @@ def test_roles_swapped_behind_stop_words():
     d = G.check("Transfer £50 from my savings to my current account",
                 "Transfer £50 from my current account to my savings", 0.998)
     assert not d.hit and "roles" in d.reason
+
+
+DEFAULT = Guard(GuardConfig())
+
+
+@pytest.mark.parametrize("a,b", [
+    ("When does the autumn term start?", "When does the autumn term begin?"),
+    ("How do I turn on dark mode?", "How do I enable dark mode?"),
+    ("How long does it take to get my deposit back?", "How long does it usually take to get my deposit back?"),
+    ("What's the annual fee?", "What's the yearly fee?"),
+])
+def test_default_guard_forgives_synonyms_hedges_and_period_words(a, b):
+    assert DEFAULT.check(a, b, 0.9).hit, DEFAULT.check(a, b, 0.9)
+
+
+@pytest.mark.parametrize("a,b", [
+    ("What's the paracetamol dose for adults?", "What's the paracetamol dose for children?"),
+    ("Does the pad thai contain peanuts?", "Does the green curry contain peanuts?"),
+    ("How do I renew my passport?", "What do I need to renew my passport and my driving licence?"),
+])
+def test_default_guard_refuses_swaps_and_rewordings_whatever_the_cosine(a, b):
+    d = DEFAULT.check(a, b, 0.999)
+    assert not d.hit and d.reason.endswith(("off", "added or removed")), d
+
+
+def test_one_as_a_pronoun_is_no_number():
+    assert numbers("My passport's running out, how do I get a new one?") == []
+    assert numbers("How many calories are in one egg?") == [1.0]
+    assert numbers("I forgot to take one of my tablets") == []
