@@ -120,6 +120,8 @@ class EmbeddedStore:
             if idx is None or idx.ntotal == 0:
                 return []
             q = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, self.dim)
+            # OpenMP's thread count is per calling thread: set it in the worker thread that searches too
+            self._faiss.omp_set_num_threads(1)
             sims, ids = idx.search(q, min(k, idx.ntotal))
             out: list[tuple[CacheEntry, float]] = []
             now = time.time()
