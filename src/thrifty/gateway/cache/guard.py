@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from functools import lru_cache
 from dataclasses import dataclass, field
 import numpy as np
 
@@ -80,7 +81,14 @@ def normalize(text: str) -> str:
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(normalize(text))
+    return list(_words(text))
+
+
+@lru_cache(maxsize=8192)
+def _words(text: str) -> tuple[str, ...]:
+    """One normalisation per text: a check reads the words of both texts several times, and the stored
+    side's text recurs across look-ups."""
+    return tuple(WORD.findall(normalize(text)))
 
 
 def _stem(w: str) -> str:
