@@ -98,15 +98,26 @@ def test_quantize_writes_a_folder_that_loads_and_scores(tiny, evalset, tmp_path,
         engine.step()
 
 
-def test_awq_and_gptq_beat_rtn_at_4_bits(tiny, evalset, tmp_path):
-    # GPTQ in natural column order here: a random-weight model has no outlier input channels for act-order to
-    # put first, so its fixed group ranges only cost (on the real 0.5B act-order lowers KL, 0.0281 -> 0.0254)
+@pytest.fixture(scope="module")
+def uneven_tiny(tmp_path_factory):
+    """Like `tiny`, with log-normal norm weights: uneven input channels, the structure AWQ and GPTQ exploit in
+    real LLMs (with norm weights near 1, GPTQ's gain over RTN is within its noise: KL 0.1849 vs 0.1843)."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("u") / "u.gguf",
+                           TinySpec(hidden_size=128, intermediate_size=256, norm_spread=0.5))
+
+
+def test_awq_and_gptq_beat_rtn_at_4_bits(uneven_tiny, tmp_path):
+    # GPTQ in natural column order here: act-order's fixed group ranges cost on a model this small (on the
+    # real 0.5B act-order lowers KL, 0.0281 -> 0.0254). Margins over seeds 0-3: AWQ 26-33 %, GPTQ 4-8 %.
+    ref = load(uneven_tiny, weights="bf16")
+    evalset = EvalSet.build(ref.tokenizer, 512, 128)
+    score(ref, evalset, keep_as_reference=True, progress=False)
     kl = {}
     for method in ("rtn", "awq", "gptq"):
-        out = quantize_model(str(tiny), method, 4, tmp_path / method, 32, samples=8, seq_len=64, progress=False,
-                             act_order=False)
+        out = quantize_model(str(uneven_tiny), method, 4, tmp_path / method, 32, samples=8, seq_len=64,
+                             progress=False, act_order=False)
         kl[method] = score(load(out), evalset, progress=False)["kl_vs_bf16"]
-    assert kl["awq"] < kl["rtn"] and kl["gptq"] < kl["rtn"], kl
+    assert kl["awq"] < 0.9 * kl["rtn"] and kl["gptq"] < 0.99 * kl["rtn"], kl
 
 
 def test_sharded_folder_and_missing_shard(tiny, tmp_path):

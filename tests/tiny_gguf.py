@@ -145,6 +145,7 @@ class TinySpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = True
     seed: int = 0
+    norm_spread: float = 0.0     # > 0: norm weights times exp(spread * N(0, 1)), outlier channels as in LLMs
     file_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
 
 
@@ -182,6 +183,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
 
     def tensor(name: str, *shape: int, scale: float = 0.08, around: float = 0.0) -> None:
         data = (around + scale * rng.standard_normal(shape)).astype(np.float32)
+        if name.endswith("norm.weight") and spec.norm_spread > 0:
+            data *= np.exp(spec.norm_spread * rng.standard_normal(shape)).astype(np.float32)
         if spec.file_type == gguf.GGMLQuantizationType.F32 or len(shape) == 1:
             w.add_tensor(name, data)
         else:
