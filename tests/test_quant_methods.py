@@ -14,7 +14,7 @@ from thrifty.engine.engine import LLMEngine
 from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import InvalidRequestError, ModelFileError
 from thrifty.models.loader import load
-from thrifty.quant import data
+from thrifty.quant import awq, data
 from thrifty.quant.evaluate import EvalSet, score
 from thrifty.quant.gptq import gptq_quantize, hessian
 from thrifty.quant.loading import formats
@@ -76,6 +76,101 @@ def test_act_order_keeps_contiguous_groups():
     deq = qt.dequantize().view(16, 2, 32)
     steps = (deq - qt.offset[:, :, None]) / qt.scale[:, :, None]
     assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.min() >= -1e-3 and steps.max() <= 15 + 1e-3
+
+
+def _uneven(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration inputs with uneven channels (as in LLMs) and a weight to quantize."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.linspace(0.1, 3, cols)[torch.randperm(cols, generator=g)]
+    return x, torch.randn(16, cols, generator=g) * 0.05 + 0.01
+
+
+def _ref_int4(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """One group on the 16-level grid over [lo, hi], written out plainly."""
+    step = max((hi - lo) / 15.0, 1e-10)
+    return torch.tensor([lo + step * min(15, max(0, round((float(e) - lo) / step))) for e in v])
+
+
+def test_awq_losses_are_the_token_sums():
+    x, w = _uneven(300, 64, 2)
+    e = torch.randn_like(w)
+    assert awq.output_error(e, awq.gram(x)) == pytest.approx(float(((x @ e.t()) ** 2).mean()), rel=1e-4)
+    hg = awq.group_grams(awq.gram(x), 32)
+    for g in range(2):
+        sl = slice(32 * g, 32 * (g + 1))
+        assert torch.allclose(hg[g], x[:, sl].t() @ x[:, sl] / 300, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_awq_clip_search_against_a_plain_grid_search(monkeypatch, passes):
+    """passes=1: each (row, group) gets exactly the shared shrink ratio with the least token error; passes=3
+    (then hi alone, then lo alone): never worse than that, never better than the full 2-D grid."""
+    monkeypatch.setattr(awq, "CLIP_PASSES", passes)
+    x, w = _uneven(200, 64, 3)
+    w = w[:4]
+    qt = awq.quantize_weight(w, awq.gram(x), 4, 32)
+    got = qt.dequantize()
+    ratios = awq._clip_candidates()
+    for r in range(4):
+        for g in range(2):
+            sl = slice(32 * g, 32 * (g + 1))
+            v, xg = w[r, sl], x[:, sl]
+            def err(deq):
+                return float(((xg @ (deq - v)) ** 2).mean())
+            lo, hi = float(v.min()), float(v.max())
+            shared = min(err(_ref_int4(v, lo * t, hi * t)) for t in ratios)
+            full = min(err(_ref_int4(v, lo * a, hi * b)) for a in ratios for b in ratios)
+            mine = err(got[r, sl])
+            assert mine <= err(_ref_int4(v, lo, hi)) * (1 + 1e-5) + 1e-12
+            if passes == 1:
+                assert mine == pytest.approx(shared, rel=1e-4, abs=1e-12)
+            else:
+                assert full * (1 - 1e-4) - 1e-12 <= mine <= shared * (1 + 1e-4) + 1e-12
+
+
+def test_awq_scale_search_picks_the_grid_point_with_least_token_error():
+    x, w = _uneven(400, 64, 4)
+    mag = x.abs().mean(0)
+    s = awq.search_scale(mag, w, 4, 32, awq.gram_loss(w, awq.gram(x))(None))
+    losses = []
+    for i in range(awq.GRID):
+        t = mag.pow(i / awq.GRID)
+        t = t / (t.max() * t.min()).sqrt()
+        wq = quantize_rtn(w * t, 4, 32).dequantize() / t
+        losses.append((float(((x @ (wq - w).t()) ** 2).mean()), i))
+    best = min(losses)[1]
+    t = mag.pow(best / awq.GRID)
+    assert torch.allclose(s, t / (t.max() * t.min()).sqrt())
+    assert best > 0   # uneven channels: scaling beats plain rounding (a = 0)
+
+
+@pytest.mark.parametrize("qkv_loss", ["proj", "attn"])
+def test_awq_layer_scales_keep_the_float_function(tiny, monkeypatch, qkv_loss):
+    """With exact 'rounding', folding the scales (norms, v rows with GQA ties, up rows) changes nothing."""
+    from thrifty.quant.evaluate import prefill_meta
+    from thrifty.quant.qtensor import QTensor
+    from thrifty.quant.quantize import _capture
+
+    monkeypatch.setattr(awq, "QKV_LOSS", qkv_loss)
+    monkeypatch.setattr(awq, "quantize_weight", lambda w, h, bits, group: QTensor(
+        w.clone(), torch.ones(w.shape[0], 1), None, 8, w.shape[1]))
+    loaded = load(tiny, dtype="float32", weights="fp32")
+    cfg, layer = loaded.config, loaded.model.model.layers[0]
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    cos, sin = loaded.model.model.rotary.cos_sin(torch.cat([torch.arange(32)] * 2), x.dtype)
+    meta = prefill_meta(cfg, [32, 32], torch.float32, shared_layers=True)
+    names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+             "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+    with torch.inference_mode():
+        before = layer(x, cos, sin, meta)
+        x_in = _capture(names, lambda: layer(x, cos, sin, meta))
+    norm = layer.input_layernorm.weight.clone()
+    awq.quantize_layer(layer, {k: v.clone() for k, v in x_in.items()}, cfg, 4, 32,
+                       lambda h: layer.self_attn(h, cos, sin, meta))
+    with torch.inference_mode():
+        after = layer(x, cos, sin, meta)
+    assert not torch.allclose(norm, layer.input_layernorm.weight)    # some scale was folded in
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])

@@ -91,46 +91,6 @@ def _quantize_in_order(names: dict[str, Linear], x_in: dict[str, torch.Tensor], 
     return found
 
 
-def _awq_layer(layer, names: dict[str, Linear], x_in: dict[str, torch.Tensor], config, bits: int,
-               group: int | None) -> dict[str, QTensor]:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-    # 1. q|k|v read input_layernorm's output
-    s = awq.search_scale(x_in["qkv"], qkv.weight, bits, group)
-    layer.input_layernorm.weight.data /= s
-    qkv.weight.data *= s
-    x_in["qkv"] = x_in["qkv"] / s
-    # 2. o_proj reads attention outputs, linear in v's rows (shared by the query heads of a KV group)
-    tie = awq.gqa_tie(config.num_heads, config.num_kv_heads, config.head_dim)
-    s = awq.search_scale(x_in["o"], o.weight, bits, group, tie=tie)
-    groups = config.num_heads // config.num_kv_heads
-    s_v = s.view(config.num_kv_heads, groups, config.head_dim)[:, 0, :].reshape(-1)
-    lo, hi = qkv.offsets["v"]
-    qkv.weight.data[lo:hi] /= s_v[:, None]
-    if qkv.bias is not None:
-        qkv.bias.data[lo:hi] /= s_v
-    o.weight.data *= s
-    x_in["o"] = x_in["o"] / s
-    # 3. gate|up read post_attention_layernorm's output
-    s = awq.search_scale(x_in["gate_up"], gate_up.weight, bits, group)
-    layer.post_attention_layernorm.weight.data /= s
-    gate_up.weight.data *= s
-    x_in["gate_up"] = x_in["gate_up"] / s
-    # 4. down_proj reads silu(gate) * up: linear in up's rows
-    s = awq.search_scale(x_in["down"], down.weight, bits, group)
-    lo, hi = gate_up.offsets["up"]
-    gate_up.weight.data[lo:hi] /= s[:, None]
-    down.weight.data *= s
-    x_in["down"] = x_in["down"] / s
-    # v and up changed after q|k|v and gate|up were searched; their inputs did not, so rounding comes last.
-    # (Rounding in order on recaptured inputs as GPTQ does, tried with a 4x larger search sample, measured no
-    # better here: ppl 7.590 vs 7.554 at g32.)
-    found = {key: awq.quantize_weight(x_in[key], lin.weight, bits, group) for key, lin in names.items()}
-    for key, qt in found.items():
-        _set(names[key], qt)
-    return found
-
-
 def calibrate(model, config, windows: list[list[int]], method: str, bits: int, group: int | None,
               progress: bool = True, act_order: bool = True) -> dict[str, QTensor]:
     """Layer-by-layer AWQ or GPTQ over calibration windows; returns QTensors by fused module name."""
@@ -152,7 +112,8 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
             x_in = _capture(names, run)
         x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
         if method == "awq":
-            found = _awq_layer(layer, names, x_in, config, bits, group)
+            attention = lambda h, layer=layer: layer.self_attn(h, cos, sin, meta)  # noqa: E731
+            found = awq.quantize_layer(layer, x_in, config, bits, group, attention)
         else:
             found = _quantize_in_order(names, x_in, run, lambda lin, x_: gptq_quantize(
                 lin.weight, hessian(x_), bits, group, act_order))
@@ -169,15 +130,23 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
         h = h.clone()
         head = model.lm_head
         if method == "awq":
-            s = awq.search_scale(h, head.weight, bits, group)
-            inner.norm.weight.data /= s
-            head.weight.data *= s
-            qts["lm_head"] = awq.quantize_weight(h / s, head.weight, bits, group)
+            qts["lm_head"] = _awq_head(inner.norm, head, h, bits, group)
         else:
             qts["lm_head"] = gptq_quantize(head.weight, hessian(h), bits, group, act_order)
     bar.update(1)
     bar.close()
     return qts
+
+
+def _awq_head(norm, head: Linear, x: torch.Tensor, bits: int, group: int | None) -> QTensor:
+    """AWQ on the output head, its scale folded into the final norm (the loss on a fixed sample of its rows)."""
+    h = awq.gram(x)
+    s = awq.choose_scale(x, head.weight, h, bits, group)
+    norm.weight.data /= s
+    head.weight.data *= s
+    qt = awq.quantize_weight(head.weight.data, h / (s[:, None] * s[None, :]), bits, group)
+    head.weight.data.copy_(qt.dequantize())
+    return qt
 
 
 _FIELD = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}
