@@ -146,3 +146,21 @@ def test_redis_unreachable_is_a_store_error_quickly():
         s.search(unit(1), 3, "aa")
     assert time.perf_counter() - t < 0.5
     s.close()
+
+
+def test_a_broken_in_process_store_is_a_miss_and_an_error(tmp_path):
+    """The embedded store is read on the caller's thread; a failing read still only costs the cache."""
+    import asyncio
+
+    from thrifty.gateway.cache.keys import CacheRequest
+    from thrifty.gateway.cache.response_cache import ResponseCache
+
+    s = EmbeddedStore(tmp_path / "c.sqlite3", dim=DIM)
+    s.put(entry("k", "aa", unit(5)))
+    cache = ResponseCache(s)
+    req = CacheRequest(key="k", scope="aa", namespace="default", text="q", read=True, write=False, ttl_s=None,
+                       max_age_s=None)
+    assert asyncio.run(cache.lookup(req)).kind == "hit"
+    s._db.close()                                    # every read now raises sqlite3.ProgrammingError
+    assert asyncio.run(cache.lookup(req)) is None
+    assert cache.stats.errors["get"] == 1

@@ -31,6 +31,8 @@ def _tag(value: str) -> str:
 
 
 class RedisStore:
+    in_process = False
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", dim: int = 384, prefix: str = "thrifty:cache",
                  timeout_s: float = 0.05, max_entries: int = 100_000, hnsw_m: int = 16,
                  ef_runtime: int = 64) -> None:

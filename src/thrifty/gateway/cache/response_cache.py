@@ -1,9 +1,9 @@
 """ResponseCache: exact look-up, then semantic look-up (embedding + scoped search + guard), over one store.
 
-The cache never fails a request. Every store call runs in a worker thread under `timeout_s`; an error
-or a timeout counts against a circuit breaker, and while the breaker is open the cache is skipped at no
-cost. Each failure and each breaker change is logged once and counted (`stats`), which the server
-exports as Prometheus metrics. Writes happen in the background, after the answer went out.
+The cache never fails a request. Every call to a remote store runs in a worker thread under `timeout_s`
+(an in-process store's reads run right on the loop: see store.py); an error or a timeout counts against a
+circuit breaker, and while the breaker is open the cache is skipped at no cost. Each failure and each
+breaker change is logged once and counted (`stats`), which the server exports as Prometheus metrics. Writes happen in the background, after the answer went out.
 
 The query embedding runs on the event loop's own thread, on purpose. Measured on 2 Zen 3 cores, the same
 int8 MiniLM forward takes ~3.5 ms on the process's main thread but 8-10 ms on any other thread (asyncio's
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,13 +75,14 @@ class ResponseCache:
         else:
             log.warning("%s store is back; cache on again", self.name)
 
-    async def _call(self, op: str, fn: Callable[[], T]) -> T:
-        """Run a store call in a thread under the time budget; CacheStoreError on failure or timeout."""
+    async def _call(self, op: str, fn: Callable[[], T], inline: bool = False) -> T:
+        """Run a store call in a thread under the time budget (or, `inline`, right here); CacheStoreError on
+        failure or timeout."""
         if not self.breaker.allow():
             raise CacheStoreError(f"{self.name} store circuit open")
         try:
-            result = await asyncio.wait_for(asyncio.to_thread(fn), self.timeout_s)
-        except (CacheStoreError, asyncio.TimeoutError, OSError) as e:
+            result = fn() if inline else await asyncio.wait_for(asyncio.to_thread(fn), self.timeout_s)
+        except (CacheStoreError, asyncio.TimeoutError, OSError, sqlite3.Error) as e:
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else str(e)
             self.stats.errors[op] += 1
             if not self.breaker.is_open:
@@ -95,14 +97,15 @@ class ResponseCache:
         """The cached answer for `req`, or None (a miss, or the store is unavailable)."""
         if not req.read:
             return None
+        inline = getattr(self.store, "in_process", False)
         try:
-            entry = await self._call("get", lambda: self.store.get(req.key))
+            entry = await self._call("get", lambda: self.store.get(req.key), inline)
             if entry is not None and self._fresh(entry, req):
                 return Hit("hit", entry, 1.0)
             if not (self.semantic and req.text and self.embedder is not None):
                 return None
             vector = self._embed(req.text)
-            found = await self._call("search", lambda: self.store.search(vector, self.top_k, req.scope))
+            found = await self._call("search", lambda: self.store.search(vector, self.top_k, req.scope), inline)
         except CacheStoreError:
             return None
         return self.best(req, found)

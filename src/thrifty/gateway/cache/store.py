@@ -4,7 +4,9 @@ One store holds both caches: an entry is found by its exact key (`get`), and, wh
 similarity inside its scope (`search`). The scope is a hash of everything that must be equal for two
 requests to share an answer semantically (tenant, namespace, model, system prompt and earlier turns,
 output-changing parameters); a store searches one scope's entries only and never returns another's.
-Stores are synchronous and thread-safe; the server calls them from worker threads under a time budget.
+Stores are synchronous and thread-safe. The server calls a remote store from worker threads under a time
+budget; a store that says `in_process = True` (its reads are in memory and take well under a millisecond)
+is read on the event loop's thread instead, which saves two thread hand-offs per look-up.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class CacheEntry:
 @runtime_checkable
 class CacheStore(Protocol):
     """get / put / search / delete / clear. Errors of a remote store are CacheStoreError."""
+
+    in_process: bool  # reads are local and quick: done on the caller's thread, without a time budget
 
     def get(self, key: str) -> CacheEntry | None: ...
 
