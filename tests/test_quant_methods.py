@@ -131,7 +131,7 @@ def test_awq_clip_search_against_a_plain_grid_search(monkeypatch, passes):
 def test_awq_scale_search_picks_the_grid_point_with_least_token_error():
     x, w = _uneven(400, 64, 4)
     mag = x.abs().mean(0)
-    s = awq.search_scale(mag, w, 4, 32, awq.gram_loss(w, awq.gram(x))(None))
+    s = awq.search_scale(mag, w, 4, 32, awq.gram_loss(w, awq.gram(x)))
     losses = []
     for i in range(awq.GRID):
         t = mag.pow(i / awq.GRID)

@@ -121,19 +121,24 @@ def _row(name: str, scores: dict, greedy_match: dict[str, float], decode: float,
             "prefill_tok_s": prefill}
 
 
+def _open_llama(llama_cpp, low, params, path: Path, n_ctx: int, threads: int, logits_all: bool):
+    """A llama.cpp context built with our model params (`params`) in place of the library's defaults."""
+    default_params = low.llama_model_default_params
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=threads,
+                               n_threads_batch=threads, logits_all=logits_all, verbose=False)
+    finally:
+        low.llama_model_default_params = default_params
+
+
 def _llamacpp_speed(llama_cpp, low, params, path: Path, n_ctx: int, args, prompt, long_prompt) -> tuple[float, float]:
     """(batch-1 decode tok/s, prefill tok/s) on a context that keeps only the last position's logits, as a
     llama.cpp server does (logits_all=True, which the perplexity needs, computes and copies the output head's
     151,936 logits for every prompt token: ~1.5x slower prefill here)."""
     import numpy as np
 
-    default_params = low.llama_model_default_params
-    low.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, logits_all=False, verbose=False)
-    finally:
-        low.llama_model_default_params = default_params
+    llm = _open_llama(llama_cpp, low, params, path, n_ctx, args.threads, logits_all=False)
     vocab = llm.n_vocab()
 
     def next_token() -> int:
@@ -178,12 +183,7 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
             p.use_extra_bufts = False
         return p
 
-    low.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, logits_all=True, verbose=False)
-    finally:
-        low.llama_model_default_params = default_params
+    llm = _open_llama(llama_cpp, low, params, path, n_ctx, args.threads, logits_all=True)
     nll = {d: 0.0 for d in evalset.windows}
     count = {d: 0 for d in evalset.windows}
     kl_sum, kl_n = 0.0, 0

@@ -9,8 +9,8 @@ Two precisions:
 - "int8" (the cache's default): the 24 linear layers run as fbgemm dynamic-int8 GEMMs (weights int8 per
   output channel, activations quantized per call). A look-up embeds one short sentence, where the fp32
   forward is bound by streaming 42 MB of weights (more than L3) through small GEMMs: ~10 ms on one Zen 3
-  core, ~4 ms in int8. Embeddings stay within cosine ~0.99 of fp32; the guard's thresholds and the pair
-  model are fitted on the int8 embeddings. Each text runs alone, so its vector never depends on which
+  core, ~4 ms in int8. Embeddings stay within cosine ~0.99 of fp32; the guard's thresholds were chosen
+  on the int8 embeddings. Each text runs alone, so its vector never depends on which
   other texts share a batch (activation scales are per call).
 - "fp32": the reference; `tests/test_cache_eval.py` checks it against sentence-transformers.
 Neither touches torch's process-wide thread count: switching it per call is itself costly and races with

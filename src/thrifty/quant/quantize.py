@@ -130,23 +130,12 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
         h = h.clone()
         head = model.lm_head
         if method == "awq":
-            qts["lm_head"] = _awq_head(inner.norm, head, h, bits, group)
+            qts["lm_head"] = awq.quantize_head(inner.norm, head, h, bits, group)
         else:
             qts["lm_head"] = gptq_quantize(head.weight, hessian(h), bits, group, act_order)
     bar.update(1)
     bar.close()
     return qts
-
-
-def _awq_head(norm, head: Linear, x: torch.Tensor, bits: int, group: int | None) -> QTensor:
-    """AWQ on the output head, its scale folded into the final norm (the loss on a fixed sample of its rows)."""
-    h = awq.gram(x)
-    s = awq.choose_scale(x, head.weight, h, bits, group)
-    norm.weight.data /= s
-    head.weight.data *= s
-    qt = awq.quantize_weight(head.weight.data, h / (s[:, None] * s[None, :]), bits, group)
-    head.weight.data.copy_(qt.dequantize())
-    return qt
 
 
 _FIELD = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}

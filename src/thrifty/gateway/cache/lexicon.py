@@ -40,7 +40,7 @@ OPPOSITES = [
     ("sent", "received"), ("subscribe", "unsubscribe"), ("hot", "cold"), ("early", "late"),
     ("earliest", "latest"), ("first", "last"), ("always", "never"), ("encrypt", "decrypt"),
     ("upload", "download"), ("inbound", "outbound"), ("incoming", "outgoing"), ("input", "output"),
-    ("minimum", "maximum"), ("above", "below"), ("over", "under"), ("inside", "outside"), ("in", "out"),
+    ("above", "below"), ("over", "under"), ("inside", "outside"), ("in", "out"),
     ("with", "without"), ("true", "false"), ("yes", "no"), ("success", "failure"), ("succeed", "fail"),
     ("positive", "negative"), ("gain", "loss"), ("profit", "loss"), ("credit", "debit"), ("deposit", "withdraw"),
     ("lend", "borrow"), ("push", "pull"), ("show", "hide"), ("visible", "hidden"), ("legal", "illegal"),
@@ -48,7 +48,7 @@ OPPOSITES = [
     ("large", "small"), ("long", "short"), ("high", "low"), ("fast", "slow"), ("easy", "hard"),
     ("easy", "difficult"), ("good", "bad"), ("best", "worst"), ("better", "worse"), ("right", "wrong"),
     ("right", "left"), ("north", "south"), ("east", "west"), ("morning", "evening"), ("day", "night"),
-    ("weekday", "weekend"), ("import", "export"), ("install", "uninstall"), ("connect", "disconnect"),
+    ("weekday", "weekend"), ("install", "uninstall"), ("connect", "disconnect"),
     ("login", "logout"), ("sign in", "sign out"), ("mount", "unmount"), ("free", "paid"), ("online", "offline"),
     ("increase", "cut"), ("keep", "cancel"), ("activate", "deactivate"), ("turn on", "turn off"),
 ]
