@@ -108,7 +108,7 @@ def test_awq_clip_search_against_a_plain_grid_search(monkeypatch, passes):
     monkeypatch.setattr(awq, "CLIP_PASSES", passes)
     x, w = _uneven(200, 64, 3)
     w = w[:4]
-    qt = awq.quantize_weight(w, awq.gram(x), 4, 32)
+    qt = awq.search_clip(w, awq.group_grams(awq.gram(x), 32), 32)
     got = qt.dequantize()
     ratios = awq._clip_candidates()
     for r in range(4):
@@ -126,6 +126,21 @@ def test_awq_clip_search_against_a_plain_grid_search(monkeypatch, passes):
                 assert mine == pytest.approx(shared, rel=1e-4, abs=1e-12)
             else:
                 assert full * (1 - 1e-4) - 1e-12 <= mine <= shared * (1 + 1e-4) + 1e-12
+
+
+def test_awq_unbias_gives_each_group_slope_one_on_the_same_codes():
+    x, w = _uneven(300, 64, 5)
+    hg = awq.group_grams(awq.gram(x), 32)
+    clipped = awq.search_clip(w, hg, 32)
+    fixed = awq.unbias(clipped, w, hg)
+    assert torch.equal(fixed.q, clipped.q)                  # same int4 codes, new (scale, offset) per group
+    for deq, want in ((clipped.dequantize(), False), (fixed.dequantize(), True)):
+        for g in range(2):
+            sl = slice(32 * g, 32 * (g + 1))
+            y, yq = x[:, sl] @ w[:, sl].t(), x[:, sl] @ deq[:, sl].t()     # [tokens, rows]
+            slope = (yq * y).sum(0) / (y * y).sum(0)                         # per row: regression of yq on y
+            assert torch.allclose(slope, torch.ones_like(slope), atol=1e-4) == want
+    assert torch.equal(awq.quantize_weight(w, awq.gram(x), 4, 32).scale, fixed.scale)
 
 
 def test_awq_scale_search_picks_the_grid_point_with_least_token_error():
