@@ -108,6 +108,12 @@ def qgemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: tor
     return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group)
 
 
+def qdequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+             group: int) -> torch.Tensor:
+    """The float32 [N, K] weight qgemv multiplies with (scale * q + min per group)."""
+    return torch.ops.thrifty.qdequant(packed, scales, mins, bits, group)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] values 0..15 -> uint8 [N, K/2]: per 64 values, byte j = q[j] | q[j + 32] << 4."""
     n, k = q.shape
