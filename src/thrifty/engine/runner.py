@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from thrifty.engine.attention import AttentionMetadata
 from thrifty.engine.kv_cache import PagedKVCache
 from thrifty.engine.sampling import Sampler, SamplerOutput
 from thrifty.engine.sequence import Sequence
+from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.ops.forward_context import set_forward_context
 
 
 @dataclass(slots=True)
@@ -46,7 +47,8 @@ class ModelRunner:
             [b.block_table for b in batch],
             [b.seq.num_computed_tokens + b.num_tokens for b in batch],
             [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        with set_forward_context(meta):
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device))
 
         sampling = [b for b in batch if b.samples]
         if not sampling:

@@ -148,7 +148,7 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     return torch.ops.thrifty.act_mul(gate_up, gelu)
 
 
-# ---- paged attention (reference: thrifty.engine.attention) ------------------------------------------------
+# ---- paged attention (reference: thrifty.ops.attention) ------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     return torch.ops.thrifty.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,

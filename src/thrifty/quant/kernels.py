@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from thrifty.errors import UnsupportedModelError
-from thrifty.models import precision
+from thrifty.ops import precision
 from thrifty import native
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
