@@ -43,6 +43,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -53,7 +54,7 @@ def _run_generate(args: argparse.Namespace) -> None:
                             top_k=args.top_k, seed=args.seed)
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
-                                   weights=args.weights)
+                                   weights=args.weights, device=args.device)
     prompt: str | list[int] = args.prompt
     if args.chat:
         rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -74,6 +75,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                                    "else qwen2.5-coder-0.5b-instruct)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--device", help="auto, cpu or cuda (default: the config's engine.device, else auto)")
     p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
                                      "named by server.api_key_env; unset: no auth)")
 
@@ -89,6 +91,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         config.server.host = args.host
     if args.port is not None:
         config.server.port = args.port
+    if args.device:
+        config.engine["device"] = args.device
     serve(config, args.api_key or config.server.api_key())
 
 

@@ -22,7 +22,7 @@ from thrifty.models.loader import LoadedModel, load
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
     dtype: str = "auto"
-    device: str | None = None
+    device: str | None = None               # auto (None): CUDA when present, else cpu
     kv_cache_memory: float = 1.0            # GiB for the KV cache
     num_kv_blocks: int | None = None        # exact block count, overrides kv_cache_memory (tests, benchmarks)
     kv_cache_dtype: str = "auto"            # auto = the model's dtype
