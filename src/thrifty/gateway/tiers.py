@@ -103,9 +103,10 @@ def ledger_path(config: ThriftyConfig) -> Path:
     return Path(config.server.ledger_path) if config.server.ledger_path else paths.home() / "ledger" / "ledger.sqlite3"
 
 
-def build_gateway(config: ThriftyConfig, router=None):
-    """Load the tiers of `config` (checked first unless `router` is given) into a Gateway."""
-    from thrifty.gateway.backends import RemoteBackend
+def build_gateway(config: ThriftyConfig, router=None, cache=None):
+    """Load the tiers of `config` (checked first unless `router` is given) into a Gateway, behind `cache`
+    (a thrifty.gateway.cache.ResponseCache; None: no response cache, no coalescing)."""
+    from thrifty.gateway.remote import RemoteBackend
     from thrifty.gateway.gateway import Gateway, Tier
     from thrifty.gateway.ledger import Ledger
 
@@ -124,7 +125,7 @@ def build_gateway(config: ThriftyConfig, router=None):
         print(f"thrifty: tier {t.name} ({'remote ' + str(t.api_base) if t.remote else 'local'}): "
               f"{price.describe()} ({how})", file=sys.stderr, flush=True)
         tiers.append(Tier(t.name, backend, price, aliases, t.timeout_s))
-    return Gateway(tiers, router, settings, Ledger(ledger_path(config)))
+    return Gateway(tiers, router, settings, Ledger(ledger_path(config)), cache, config.cache)
 
 
 def _load_local(t: TierSettings, settings: RouterSettings):
