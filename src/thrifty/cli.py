@@ -105,6 +105,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import router
 
         router.add_parser(suites)
+    if "gateway" not in suites.choices:
+        from thrifty.bench import gateway
+
+        gateway.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -118,31 +122,36 @@ def _run_bench(args: argparse.Namespace) -> None:
 
         run_router(args)
         return
+    if getattr(args, "bench_command", None) == "gateway":
+        from thrifty.bench.gateway import run as run_gateway
+
+        run_gateway(args)
+        return
     from thrifty.bench.command import run
 
     run(args)
 
 
 def _cache(sub: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.cache.command import add_parser
+    from thrifty.bench.cache_command import add_parser
 
     add_parser(sub)
 
 
 def _run_cache(args: argparse.Namespace) -> None:
-    from thrifty.gateway.cache.command import run
+    from thrifty.bench.cache_command import run
 
     run(args)
 
 
 def _router(sub: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.router_command import add_parser
+    from thrifty.bench.router_command import add_parser
 
     add_parser(sub)
 
 
 def _run_router(args: argparse.Namespace) -> None:
-    from thrifty.gateway.router_command import run
+    from thrifty.bench.router_command import run
 
     run(args)
 

@@ -171,6 +171,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_stats(self) -> None:
+        """Forget the prefix cache and every counter: what ran so far (a probe, a warm-up) was not traffic."""
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.stats = type(self.block_manager.stats)()
+        self.stats = EngineStats()
+
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()

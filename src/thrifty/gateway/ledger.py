@@ -96,7 +96,7 @@ class Report:
                 "total": self.total.as_dict(), "table": self.table()}
 
     def table(self) -> str:
-        from thrifty.bench.report import markdown_table
+        from thrifty.reporting import markdown_table
 
         headers = ("tier", "requests", "attempts", "prompt tokens", "cached", "completion tokens", "cost $",
                    "baseline $", "saved by routing $", "saved by caching $")
@@ -107,9 +107,9 @@ class Report:
 
     def plot(self, path: str | Path) -> Path:
         """Cumulative cost against the baseline over the requests, and cost vs baseline by tier (PNG)."""
-        from thrifty.bench.report import _pyplot, _save
+        from thrifty.reporting import pyplot, save_figure
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
         cost = baseline = 0.0
         xs, costs, baselines = [], [], []
@@ -135,7 +135,7 @@ class Report:
         for ax in (ax1, ax2):
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        return _save(fig, plt, path)
+        return save_figure(fig, plt, path)
 
 
 class LedgerError(ThriftyError):

@@ -3,7 +3,7 @@
 `check_tiers(config)` refuses, with one clear ConfigError, a tier without a price, a remote tier priced
 `auto`, a remote tier whose api_key_env is not set, duplicate or reserved tier names, and a router that
 cannot route over these tiers. `build_gateway(config)` then loads the local engines, measures their
-throughput for `auto` prices (thrifty.gateway.throughput), opens the cost ledger and wires it together.
+throughput for `auto` prices (thrifty.engine.throughput), opens the cost ledger and wires it together.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _load_local(t: TierSettings, settings: RouterSettings):
     from thrifty.engine.async_engine import AsyncEngine
     from thrifty.engine.engine import LLMEngine
     from thrifty.gateway.backends import LocalBackend
-    from thrifty.gateway.throughput import measured_throughput
+    from thrifty.engine.throughput import measured_throughput
 
     print(f"thrifty: loading {t.model} for tier {t.name} ...", file=sys.stderr, flush=True)
     engine = LLMEngine.from_model(t.model, **t.engine)
