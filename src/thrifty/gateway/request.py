@@ -90,7 +90,12 @@ class Reply:
     tier: str | None = None                   # known up front for a cache hit
 
 
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
+_ALL_FIELDS = tuple(f.name for f in dataclasses.fields(GatewayOutput))
+
+
 def tag(out: RequestOutput, **tags: Any) -> GatewayOutput:
-    """`out` as a GatewayOutput with `tags` set (a GatewayOutput keeps the tags it has)."""
-    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-    return GatewayOutput(**{**fields, **tags})
+    """`out` as a new GatewayOutput with `tags` set (one made from a GatewayOutput keeps its other tags)."""
+    values = {name: getattr(out, name) for name in (_ALL_FIELDS if isinstance(out, GatewayOutput) else _OUTPUT_FIELDS)}
+    values.update(tags)
+    return GatewayOutput(**values)
