@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from thrifty.engine.attention import AttentionMetadata
+from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.ops.forward_context import set_forward_context
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thrifty.models.config import ModelConfig
 from thrifty.models.gguf_file import GGUFFile, hf_weights
@@ -61,7 +62,8 @@ class SingleSequence:
                                        self.cache.layers)
         ids = torch.tensor(token_ids)
         positions = torch.arange(start, self.length)
-        hidden = self.model(ids, positions, meta)
+        with set_forward_context(meta):
+            hidden = self.model(ids, positions)
         return self.model.compute_logits(hidden[-1:])[0].float()
 
 

@@ -189,3 +189,28 @@ def test_throughput_repeats_alternate_the_policy_order(tmp_path, tiny_gguf, caps
     assert order == [("continuous", 0), ("static", 0), ("static", 1), ("continuous", 1)]
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| engine"))
     assert [h.strip() for h in header.strip("|").split("|")][:4] == ["engine", "policy", "conc", "run"]
+
+
+def test_step_bench_splits_each_step_into_its_phases(tmp_path, tiny_gguf, capsys):
+    out, plot = tmp_path / "step.json", tmp_path / "step.png"
+    extra = ["--plot", str(plot)] if _has_matplotlib() else []
+    rc = main(["bench", "step", "--model", str(tiny_gguf), "--batch", "1,3", "--context", "12", "--steps", "4",
+               "--profile-steps", "2", "--json", str(out), "--no-progress", *extra])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert "| batch" in capsys.readouterr().out
+    assert report["measured"]["read_bandwidth_gb_s"] > 0 and report["measured"]["fp32_gemm_gmac_s"] > 0
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    phases = ("schedule", "inputs", "forward", "logits", "sampling", "postprocess")
+    for r in report["results"]:
+        assert all(r[f"{p}_ms"] >= 0 for p in phases)
+        assert r["forward_ms"] > 0 and r["logits_ms"] > 0 and r["sampling_ms"] > 0
+        assert sum(r[f"{p}_ms"] for p in phases) <= r["step_ms"] * 1.5     # medians of parts vs of the whole
+        assert 0 < r["kernel_ms"] <= r["profiled_step_ms"]
+        assert r["ops_per_step"] > 0
+        # the floor: the weights (and each sequence's context) read once over the measured bandwidth
+        assert r["bytes_read"] > report["model"]["linear_bytes"]
+        assert r["floor_ms"] == max(r["floor_bandwidth_ms"], r["floor_compute_ms"]) > 0
+    assert report["ratios"][0]["name"] == "ms per extra sequence, batch 1 -> 3"
+    if _has_matplotlib():
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

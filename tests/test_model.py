@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from model_reference import SingleSequence, greedy, hf_greedy, load_hf, load_thrifty
-from thrifty.engine.attention import AttentionMetadata, paged_attention, reference_attention
+from thrifty.ops.attention import paged_attention, reference_attention
+from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.ops.forward_context import set_forward_context
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
 from tiny_gguf import TinySpec, write_tiny_gguf
 
@@ -82,9 +84,16 @@ def test_paged_attention_matches_contiguous_reference(dtype, tol, window):
     q = torch.randn(sum(n for _, n in seqs), heads, dim, generator=gen).to(dtype)
     k_new = torch.cat([k[b:] for k, (b, _) in zip(full_k, seqs)])
     v_new = torch.cat([v[b:] for v, (b, _) in zip(full_v, seqs)])
-    out = paged_attention(q, k_new, v_new, meta, 0, scale=dim ** -0.5, window=window)
+    with set_forward_context(meta):
+        out = paged_attention(q, k_new, v_new, 0, scale=dim ** -0.5, window=window)
     start = 0
     for (before, new), k, v in zip(seqs, full_k, full_v):
         ref = reference_attention(q[start:start + new], k, v, window=window)
         assert rel_l2(out[start:start + new].float(), ref) < tol
         start += new
+
+
+def test_attention_outside_a_forward_context_names_the_cause():
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="forward context"):
+        paged_attention(q, q[:, :1], q[:, :1], 0, scale=1.0)

@@ -80,6 +80,32 @@ def test_qgemv_is_exact_for_the_activations_it_quantizes(bits, n, k, group, m, m
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [5, 17])
+def test_qgemv_over_several_row_blocks(bits, m):
+    """Rows wide enough that qgemv walks them in several cache-sized blocks, every token tile over each block."""
+    n, k, group = 37, 4096, 128
+    packed, scales, offs, w = _weights(bits, n, k, group, True, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = native.qgemv(x, packed, scales, offs, None, bits, group)
+    ref = _emulate(x, w)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [True, False])
+def test_native_dequantize_matches_the_torch_formula(bits, mins):
+    packed, scales, offs, w = _weights(bits, 70, 192, 64, mins, seed=bits)
+    weight = kernels.NativeWeight.__new__(kernels.NativeWeight)
+    torch.nn.Module.__init__(weight)
+    weight.out_features, weight.in_features, weight.bits, weight.group_size = 70, 192, bits, 64
+    weight.packed, weight.scales, weight.mins = packed, scales, offs
+    assert torch.allclose(weight.dequantize(), weight.reference_dequantize(), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(weight.dequantize(), w, rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
 def test_qgemv_rejects_bad_shapes():
     packed, scales, offs, _ = _weights(4, 8, 128, 32, True, 0)
     with pytest.raises(RuntimeError, match="multiple of 64"):
@@ -103,7 +129,7 @@ def test_bf16_compute_packs_onto_qgemv_and_float32_stays_exact(make):
     offset = 0 if qt.offset is None else qt.offset.repeat_interleave(qt.group_size, dim=1).abs()
     bound = 2.0 ** -11 * (qt.q.float().abs() * scale + offset)
     assert ((fast.dequantize() - qt.dequantize()).abs() <= bound + 1e-9).all()
-    for m in (1, 3, kernels.DEQUANT_MIN_TOKENS):              # qgemv, and the dequantize + GEMM path
+    for m in (1, 3, 33, kernels.NATIVE_DEQUANT_MIN_TOKENS):  # qgemv, and the dequantize + GEMM path
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).bfloat16()
         ref = x.float() @ qt.dequantize().t()
         assert ((fast(x, None).float() - ref).norm() / ref.norm()) < 1.5e-2

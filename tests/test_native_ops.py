@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from thrifty import native
-from thrifty.engine.attention import reference_attention
+from thrifty.ops.attention import reference_attention
 from thrifty.models.layers import RMSNorm, apply_rotary
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")

@@ -1,8 +1,8 @@
-"""The matmul dtype rule (thrifty.models.precision): float32 math for bf16 GEMMs on CPUs that emulate bf16."""
+"""The matmul dtype rule (thrifty.ops.precision): float32 math for bf16 GEMMs on CPUs that emulate bf16."""
 import pytest
 import torch
 
-from thrifty.models import precision
+from thrifty.ops import precision
 
 CPU = torch.device("cpu")
 

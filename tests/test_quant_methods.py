@@ -173,17 +173,19 @@ def test_awq_layer_scales_keep_the_float_function(tiny, monkeypatch, qkv_loss):
     cfg, layer = loaded.config, loaded.model.model.layers[0]
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
     cos, sin = loaded.model.model.rotary.cos_sin(torch.cat([torch.arange(32)] * 2), x.dtype)
-    meta = prefill_meta(cfg, [32, 32], torch.float32, shared_layers=True)
-    names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
-             "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
-    with torch.inference_mode():
-        before = layer(x, cos, sin, meta)
-        x_in = _capture(names, lambda: layer(x, cos, sin, meta))
-    norm = layer.input_layernorm.weight.clone()
-    awq.quantize_layer(layer, {k: v.clone() for k, v in x_in.items()}, cfg, 4, 32,
-                       lambda h: layer.self_attn(h, cos, sin, meta))
-    with torch.inference_mode():
-        after = layer(x, cos, sin, meta)
+    from thrifty.ops.forward_context import set_forward_context
+
+    with set_forward_context(prefill_meta(cfg, [32, 32], torch.float32, shared_layers=True)):
+        names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+                 "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+        with torch.inference_mode():
+            before = layer(x, cos, sin)
+            x_in = _capture(names, lambda: layer(x, cos, sin))
+        norm = layer.input_layernorm.weight.clone()
+        awq.quantize_layer(layer, {k: v.clone() for k, v in x_in.items()}, cfg, 4, 32,
+                           lambda h: layer.self_attn(h, cos, sin))
+        with torch.inference_mode():
+            after = layer(x, cos, sin)
     assert not torch.allclose(norm, layer.input_layernorm.weight)    # some scale was folded in
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
 

@@ -35,6 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--weights", default="auto",
+                   help="weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a `thrifty quantize` folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for thrifty's KV cache (default 1)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -71,6 +74,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests the transformers peer times; more are extrapolated from them (default 4)")
     t.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
 
+    st = bsub.add_parser("step", help="ms per decode step by phase and batch size, beside the physical floors",
+                         description="Times pure decode steps of B sequences through LLMEngine.step, split into "
+                                     "schedule / inputs / forward / logits / sampling / postprocess, with the "
+                                     "profiler's kernel time and the bandwidth and compute floors measured in the "
+                                     "same run.")
+    _common(st)
+    st.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32,128")
+    st.add_argument("--context", type=int, default=128, help="prompt tokens per sequence before the timed steps")
+    st.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
+    st.add_argument("--profile-steps", type=int, default=6, help="steps under the profiler (0: none)")
+
     x = bsub.add_parser("prefix", help="TTFT and prompt tokens computed with and without prefix caching")
     _common(x)
     x.add_argument("--shared-prefix", type=int, default=2048, help="tokens every request shares")
@@ -91,10 +105,21 @@ def run(args: argparse.Namespace) -> None:
             requests=args.requests, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, threads=args.threads, hf_requests=args.hf_requests,
+            weights=args.weights, device=args.device,
             repeats=args.repeats, hf_dtype=args.hf_dtype, warmup=args.warmup, progress=args.progress)
         report = run_throughput(cfg)
         print(format_report(report))
         plot = rep.plot_throughput
+    elif args.bench_command == "step":
+        from thrifty.bench.step import StepConfig, format_report, run_step
+
+        cfg = StepConfig(model=args.model, batch=args.batch, context=args.context, steps=args.steps,
+                         profile_steps=args.profile_steps, weights=args.weights, dtype=args.dtype,
+                         device=args.device, threads=args.threads, block_size=args.block_size, seed=args.seed,
+                         progress=args.progress)
+        report = run_step(cfg)
+        print(format_report(report))
+        plot = rep.plot_step
     elif args.bench_command == "prefix":
         from thrifty.bench.prefix import PrefixConfig, format_report, run_prefix
 
@@ -102,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
             model=args.model, shared_prefix=args.shared_prefix, suffix=args.suffix, requests=args.requests,
             output_len=args.output_len, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads,
-            warmup=args.warmup, progress=args.progress)
+            weights=args.weights, device=args.device, warmup=args.warmup, progress=args.progress)
         report = run_prefix(cfg)
         print(format_report(report))
         plot = rep.plot_prefix

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from thrifty.reporting import fmt, markdown_table, pyplot as _pyplot, save_figure as _save
 
-__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_throughput", "write_json"]
+__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_step", "plot_throughput", "write_json"]
 
 
 def write_json(path: str | Path, report: dict) -> Path:
@@ -66,3 +66,31 @@ def plot_prefix(report: dict, path: str | Path) -> Path:
     ax.set_title(f"{report['model']['name']}: shared prefix {c['shared_prefix']} + suffix {c['suffix']}", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
+
+
+def plot_step(report: dict, path: str | Path) -> Path:
+    """Milliseconds per decode step by phase (stacked), one bar per batch size, with the physical floor."""
+    plt = _pyplot()
+    from thrifty.engine.step_timing import PHASES
+
+    rows = report["results"]
+    labels = [str(r["batch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        values = [r[f"{phase}_ms"] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.plot(labels, [r["floor_ms"] for r in rows], "k_", markersize=40, mew=2, label="physical floor")
+    ax.set_xlabel("sequences in the batch")
+    ax.set_ylabel("ms per decode step")
+    ax.set_yscale("log")
+    m = report["model"]
+    ax.set_title(f"{m['name']} weights={m['weights']}: decode step by phase")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

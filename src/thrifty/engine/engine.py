@@ -14,6 +14,7 @@ from thrifty.engine.runner import ModelRunner, StepInput
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
 from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
+from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
 
@@ -103,6 +104,7 @@ class LLMEngine:
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()
+        self.last_step_timing = StepTiming()     # where the last step's time went, phase by phase
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -179,13 +181,16 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.last_step_timing = timing = StepTiming()
+        watch = Stopwatch(timing)
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
         if not plan.num_tokens:
             return []
         batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
                  for rid, n in plan.num_tokens.items()]
-        sampled, samples = self.runner.execute(batch)
+        watch.lap("schedule")
+        sampled, samples = self.runner.execute(batch, watch)
         for item in batch:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -194,6 +199,7 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         self._account(plan.total_tokens)
         outputs = self._postprocess(sampled, samples) if samples is not None else []
+        watch.lap("postprocess")
         return outputs
 
     def _account(self, tokens: int) -> None:

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from thrifty.engine.attention import AttentionMetadata
 from thrifty.engine.kv_cache import PagedKVCache
 from thrifty.engine.sampling import Sampler, SamplerOutput
 from thrifty.engine.sequence import Sequence
+from thrifty.engine.step_timing import Stopwatch
+from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.ops.forward_context import set_forward_context
 
 
 @dataclass(slots=True)
@@ -33,7 +35,7 @@ class ModelRunner:
         self.model, self.kv_cache, self.sampler, self.device = model, kv_cache, sampler, device
         self.block_size = kv_cache.spec.block_size
 
-    def execute(self, batch: list[StepInput]) -> tuple[list[Sequence], SamplerOutput | None]:
+    def execute(self, batch: list[StepInput], watch: Stopwatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one forward over the batch; return the sequences that sampled and their samples, in order."""
         batch = sorted(batch, key=lambda b: b.num_tokens != 1)  # one-token queries first (batched decode path)
         ids: list[int] = []
@@ -46,7 +48,11 @@ class ModelRunner:
             [b.block_table for b in batch],
             [b.seq.num_computed_tokens + b.num_tokens for b in batch],
             [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
+        watch.lap("inputs")
+        with set_forward_context(meta):
+            hidden = self.model(ids_t, positions_t)
+        watch.lap("forward")
 
         sampling = [b for b in batch if b.samples]
         if not sampling:
@@ -57,7 +63,9 @@ class ModelRunner:
             if b.samples:
                 rows.append(end - 1)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        watch.lap("logits")
         seqs = [b.seq for b in sampling]
         out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.history for s in seqs])
+        watch.lap("sampling")
         return seqs, out

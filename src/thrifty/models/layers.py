@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty import native
-from thrifty.models import precision
+from thrifty.ops import precision
 
 
 class RMSNorm(nn.Module):

@@ -30,7 +30,7 @@ class LoadedModel:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' is bf16: half the bytes of float32 for weights, activations and KV; where a CPU has no bf16 math,
-    GEMMs upcast to float32 (thrifty.models.precision). fp16 is unusable on CPU."""
+    GEMMs upcast to float32 (thrifty.ops.precision). fp16 is unusable on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

@@ -1,7 +1,8 @@
 """The Qwen2 / Llama family: RMSNorm, RoPE, grouped-query attention, SwiGLU, optional qkv bias, tied or untied head.
 
-The forward takes a flat batch of tokens with their positions and the step's attention metadata (slots of
-a paged KV cache), so one call serves any mix of prefill chunks and decodes. Weights arrive under Hugging
+The forward takes a flat batch of tokens with their positions; the attention layers find the step's metadata
+(slots of a paged KV cache) in the forward context the runner sets, so one call serves any mix of prefill chunks
+and decodes. Weights arrive under Hugging
 Face names; `load_weights` maps them onto the fused qkv and gate|up projections.
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from thrifty.engine.attention import AttentionMetadata, paged_attention
 from thrifty.models.config import ModelConfig
 from thrifty.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SwiGLU, rotate_qk
+from thrifty.ops.attention import paged_attention
 
 
 class Attention(nn.Module):
@@ -28,13 +29,13 @@ class Attention(nn.Module):
         self.o_proj = Linear(q, config.hidden_size)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q, k = rotate_qk(q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim),
                          cos, sin)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, meta, self.layer, self.scale)
+        out = paged_attention(q, k, v, self.layer, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -46,8 +47,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -60,11 +61,11 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
+            x = layer(x, cos, sin)
         return self.norm(x)
 
 
@@ -78,9 +79,9 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for every token of the flat batch."""
-        return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,12 @@ def qgemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: tor
     return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group)
 
 
+def qdequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+             group: int) -> torch.Tensor:
+    """The float32 [N, K] weight qgemv multiplies with (scale * q + min per group)."""
+    return torch.ops.thrifty.qdequant(packed, scales, mins, bits, group)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] values 0..15 -> uint8 [N, K/2]: per 64 values, byte j = q[j] | q[j + 32] << 4."""
     n, k = q.shape
@@ -142,7 +148,7 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     return torch.ops.thrifty.act_mul(gate_up, gelu)
 
 
-# ---- paged attention (reference: thrifty.engine.attention) ------------------------------------------------
+# ---- paged attention (reference: thrifty.ops.attention) ------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     return torch.ops.thrifty.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from thrifty.engine.attention import AttentionMetadata
+from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.ops.forward_context import set_forward_context
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thrifty.quant import data
 from thrifty.quant.loading import formats, weight_bytes
@@ -43,8 +44,8 @@ def sequence_logprobs(model, config, ids: list[int]) -> torch.Tensor:
     """log-softmax [len - 1, vocab] (float32) of the predictions for tokens 1..len-1."""
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    meta = prefill_meta(config, [len(ids)], dtype, device)
-    hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device), meta)
+    with set_forward_context(prefill_meta(config, [len(ids)], dtype, device)):
+        hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
     return torch.log_softmax(model.compute_logits(hidden[:-1]).float(), dim=-1)
 
 

@@ -25,11 +25,15 @@ import torch
 from torch import nn
 
 from thrifty.errors import UnsupportedModelError
-from thrifty.models import precision
+from thrifty.ops import precision
 from thrifty import native
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
 DEQUANT_MIN_TOKENS = 32
+# thrifty's qgemv keeps ~70 GMAC/s up to a few dozen tokens, where unpacking the weight for one GEMM costs
+# more than it saves (2 Zen 3 cores, 0.5B shapes, M=32: 9728x896 3.9 vs 17 ms, 896x4864 1.6 vs 2.5 ms): a
+# decode step of up to 64 sequences stays on it, prefill chunks dequantize.
+NATIVE_DEQUANT_MIN_TOKENS = 64
 _ROW_BLOCK = 64  # the CPU int4 packing works on blocks of 64 rows (AVX-512) or 32 (AVX2); pad rows to 64
 
 
@@ -273,12 +277,17 @@ class NativeWeight(QuantWeight):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x if x.dim() == 2 else _flat(x)
-        if x2.shape[0] >= DEQUANT_MIN_TOKENS:
+        if x2.shape[0] >= NATIVE_DEQUANT_MIN_TOKENS:
             return _finish(self._dense(x2), x, bias)
         y = native.qgemv(x2, self.packed, self.scales, self.mins, bias, self.bits, self.group_size)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = native.qdequant(self.packed, self.scales, self.mins, self.bits, self.group_size)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def reference_dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The same in torch ops: the tests' reference for `native.qdequant`."""
         q = native.unpack_int4(self.packed) if self.bits == 4 else self.packed
         n, k, g = self.out_features, self.in_features, self.group_size
         w = q.to(torch.float32).view(n, k // g, g) * self.scales.float()[:, :, None]

@@ -21,6 +21,7 @@ from thrifty.errors import InvalidRequestError
 from thrifty.models.layers import Linear, MergedLinear
 from thrifty.quant import awq, data
 from thrifty.quant.checkpoint import save
+from thrifty.ops.forward_context import set_forward_context
 from thrifty.quant.evaluate import prefill_meta
 from thrifty.quant.gptq import gptq_quantize, hessian
 from thrifty.quant.loading import quantizable_layers
@@ -103,27 +104,28 @@ def calibrate(model, config, windows: list[list[int]], method: str, bits: int, g
     with torch.inference_mode():
         x = inner.embed_tokens(ids).float()
         cos, sin = inner.rotary.cos_sin(positions, x.dtype)
-    bar = tqdm(total=config.num_layers + 1, desc=f"{method} {bits}-bit", unit="layer", disable=not progress)
-    for i, layer in enumerate(inner.layers):
-        names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
-                 "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
-        run = lambda: layer(x, cos, sin, meta)  # noqa: E731  (this layer on this layer's input)
-        with torch.inference_mode():
-            x_in = _capture(names, run)
-        x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
-        if method == "awq":
-            attention = lambda h, layer=layer: layer.self_attn(h, cos, sin, meta)  # noqa: E731
-            found = awq.quantize_layer(layer, x_in, config, bits, group, attention)
-        else:
-            found = _quantize_in_order(names, x_in, run, lambda lin, x_: gptq_quantize(
-                lin.weight, hessian(x_), bits, group, act_order))
-        del x_in
-        for key, qt in found.items():  # both methods already put the rounded weights into the layer
-            qts[f"model.layers.{i}.{'self_attn' if key in ('qkv', 'o') else 'mlp'}.{_FIELD[key]}"] = qt
-        with torch.inference_mode():
-            x = layer(x, cos, sin, meta)
-        bar.set_postfix_str(f"layer {i}")
-        bar.update(1)
+    with set_forward_context(meta):  # the layers' attention reads the calibration windows' metadata
+        bar = tqdm(total=config.num_layers + 1, desc=f"{method} {bits}-bit", unit="layer", disable=not progress)
+        for i, layer in enumerate(inner.layers):
+            names = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+                     "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+            run = lambda: layer(x, cos, sin)  # noqa: E731  (this layer on this layer's input)
+            with torch.inference_mode():
+                x_in = _capture(names, run)
+            x_in = {k: v.clone() for k, v in x_in.items()}  # out of inference mode: AWQ edits weights in place
+            if method == "awq":
+                attention = lambda h, layer=layer: layer.self_attn(h, cos, sin)  # noqa: E731
+                found = awq.quantize_layer(layer, x_in, config, bits, group, attention)
+            else:
+                found = _quantize_in_order(names, x_in, run, lambda lin, x_: gptq_quantize(
+                    lin.weight, hessian(x_), bits, group, act_order))
+            del x_in
+            for key, qt in found.items():  # both methods already put the rounded weights into the layer
+                qts[f"model.layers.{i}.{'self_attn' if key in ('qkv', 'o') else 'mlp'}.{_FIELD[key]}"] = qt
+            with torch.inference_mode():
+                x = layer(x, cos, sin)
+            bar.set_postfix_str(f"layer {i}")
+            bar.update(1)
     if "lm_head" in quantizable_layers(model):
         with torch.inference_mode():
             h = inner.norm(x)

@@ -195,7 +195,7 @@ void tile(const Problem& p, int64_t n0, int64_t t0) {
 
 // All tokens for rows [lo, hi): tokens in tiles of up to 4, rows in tiles of 4 / 2 / 1.
 template <int BITS>
-void rows(const Problem& p, int64_t lo, int64_t hi) {
+void rows_tile(const Problem& p, int64_t lo, int64_t hi) {
   int64_t t0 = 0;
   for (; t0 + 4 <= p.m; t0 += 4)
     for (int64_t n = lo; n < hi; ++n) tile<BITS, 4, 1>(p, n, t0);
@@ -210,6 +210,17 @@ void rows(const Problem& p, int64_t lo, int64_t hi) {
   } else if (rest == 3) {
     for (; n < hi; ++n) tile<BITS, 3, 1>(p, n, t0);
   }
+}
+
+constexpr int64_t kBlockBytes = 64 * 1024;  // weights per row block: they stay in L2 while every token tile reads them
+
+// Rows in blocks of ~64 KB of weights, all token tiles over one block before the next: with many tokens the
+// weights are read from memory once instead of once per 4-token tile (M=16, 9728x896: 2.97 -> 1.4 ms).
+template <int BITS>
+void rows(const Problem& p, int64_t lo, int64_t hi) {
+  const int64_t row_bytes = BITS == 4 ? p.k / 2 : p.k;
+  const int64_t block = p.m <= 4 ? hi - lo : std::max<int64_t>(4, (kBlockBytes / row_bytes) & ~int64_t{3});
+  for (int64_t a = lo; a < hi; a += block) rows_tile<BITS>(p, a, std::min(hi, a + block));
 }
 
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
@@ -248,11 +259,76 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   return y;
 }
 
+// Rows [lo, hi) of the dense weight, w = scale * q + min per group, into dst (row stride k).
+void dequant_rows(const uint8_t* src, const uint16_t* sc, const uint16_t* mn, int bits, int64_t k, int64_t group,
+                  int64_t lo, int64_t hi, float* dst) {
+  alignas(32) float vals[64];
+  const int64_t ng = k / group, row_bytes = bits == 4 ? k / 2 : k;
+  for (int64_t r = lo; r < hi; ++r) {
+    const uint8_t* wr = src + r * row_bytes;
+    float* o = dst + (r - lo) * k;
+    for (int64_t c = 0; c < k; c += 64) {  // 64 values: one int4 block, or two int8 chunks
+      if (bits == 4) {
+        for (int j = 0; j < 32; ++j) {
+          vals[j] = static_cast<float>(wr[c / 2 + j] & 15);
+          vals[j + 32] = static_cast<float>(wr[c / 2 + j] >> 4);
+        }
+      } else {
+        for (int j = 0; j < 64; ++j) vals[j] = static_cast<float>(static_cast<int8_t>(wr[c + j]));
+      }
+      for (int h = 0; h < 2; ++h) {  // each 32-value half lies in one group
+        const int64_t g = (c + 32 * h) / group;
+        const __m256 s = _mm256_set1_ps(half(sc + r * ng + g));
+        const __m256 m = _mm256_set1_ps(mn ? half(mn + r * ng + g) : 0.f);
+        for (int j = 0; j < 32; j += 8)
+          _mm256_storeu_ps(o + c + 32 * h + j, _mm256_fmadd_ps(_mm256_load_ps(vals + 32 * h + j), s, m));
+      }
+    }
+  }
+}
+
+struct Packed {
+  const uint8_t* w;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  int64_t n, k;
+};
+
+Packed check_packed(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                    int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 4 || bits == 8, "thrifty: bits must be 4 or 8");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.element_size() == 1 && scales.scalar_type() == at::kHalf &&
+                  scales.is_contiguous(), "thrifty: packed uint8 / int8 weights and float16 scales");
+  const int64_t n = w.size(0), k = bits == 4 ? w.size(1) * 2 : w.size(1);
+  TORCH_CHECK(k % 64 == 0 && group % kChunk == 0 && k % group == 0 && scales.size(0) == n &&
+                  scales.size(1) == k / group, "thrifty: packed weight and scales do not fit");
+  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf && mins->is_contiguous(),
+                        "thrifty: mins must match scales");
+  return {static_cast<const uint8_t*>(w.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+          mins ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr, n, k};
+}
+
+// The dense float32 [N, K] weight.
+at::Tensor qdequant(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                    int64_t bits, int64_t group) {
+  const Packed p = check_packed(w, scales, mins, bits, group);
+  at::Tensor out = at::empty({p.n, p.k}, w.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, p.n, 16, [&](int64_t lo, int64_t hi) {
+    dequant_rows(p.w, p.scales, p.mins, bits, p.k, group, lo, hi, dst + lo * p.k);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace thrifty
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("qgemv(Tensor x, Tensor w, Tensor scales, Tensor? mins, Tensor? bias, int bits, int group) -> Tensor");
+  lib.def("qdequant(Tensor w, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(thrifty, CPU, lib) { lib.impl("qgemv", TORCH_FN(thrifty::qgemv)); }
+TORCH_LIBRARY_IMPL(thrifty, CPU, lib) {
+  lib.impl("qgemv", TORCH_FN(thrifty::qgemv));
+  lib.impl("qdequant", TORCH_FN(thrifty::qdequant));
+}
