@@ -205,7 +205,7 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
-    from thrifty.quant.quantize import quantize_model
+    from thrifty.quantizers.quantize import quantize_model
 
     out = quantize_model(args.model, args.method, args.bits, args.out, args.group_size, args.calib_samples,
                          args.calib_seq_len, args.seed, threads=args.threads, act_order=args.act_order)
@@ -228,7 +228,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from thrifty.quant.evaluate import eval_ppl
+    from thrifty.bench.ppl import eval_ppl
 
     result = eval_ppl(args.model, args.weights, args.max_eval_tokens, args.seq_len, threads=args.threads)
     kl = result["kl_vs_bf16"]

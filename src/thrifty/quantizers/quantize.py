@@ -1,6 +1,6 @@
-"""`thrifty quantize`: float model -> RTN / AWQ / GPTQ -> a quantized folder (thrifty.quant.checkpoint).
+"""`thrifty quantize`: float model -> RTN / AWQ / GPTQ -> a quantized folder (thrifty.models.quantized_checkpoint).
 
-AWQ and GPTQ run layer by layer over calibration windows (thrifty.quant.data, never the evaluation text): the
+AWQ and GPTQ run layer by layer over calibration windows (thrifty.quantizers.data, never the evaluation text): the
 decoder layer's linear inputs are captured with hooks, the layer is quantized, and the layer's output computed
 with the quantized weights becomes the next layer's input, so later layers calibrate on what they will see.
 For GPTQ the same holds inside a layer, per projection (true-sequential): o_proj is rounded on the inputs the
@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.layers import Linear, MergedLinear
-from thrifty.quant import awq, data
-from thrifty.quant.checkpoint import save
+from thrifty.quantizers import awq, data
+from thrifty.models.quantized_checkpoint import save
 from thrifty.ops.forward_context import set_forward_context
-from thrifty.quant.evaluate import prefill_meta
-from thrifty.quant.gptq import gptq_quantize, hessian
-from thrifty.quant.loading import quantizable_layers
+from thrifty.quantizers.prefill import prefill_meta
+from thrifty.quantizers.gptq import gptq_quantize, hessian
+from thrifty.models.quantized import quantizable_layers
 from thrifty.quant.qtensor import QTensor, check_format, quantize_rtn
 
 METHODS = ("rtn", "awq", "gptq")

@@ -14,10 +14,10 @@ from torch import nn
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.layers import Linear
-from thrifty.quant.gguf_native import harmonize
+from thrifty.models.gguf_native import harmonize
 from thrifty.quant.kernels import pack
 from thrifty.quant.qtensor import QTensor, quantize_fp8, quantize_int4, quantize_int8
-from thrifty.quant.spec import WeightSpec
+from thrifty.models.weight_spec import WeightSpec
 
 
 def quantizer_for(spec: WeightSpec) -> Callable[[torch.Tensor], QTensor]:
