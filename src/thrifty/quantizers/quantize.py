@@ -25,20 +25,15 @@ from thrifty.ops.forward_context import set_forward_context
 from thrifty.quantizers.prefill import prefill_meta
 from thrifty.quantizers.gptq import gptq_quantize, hessian
 from thrifty.models.quantized import quantizable_layers
+from thrifty.models.weight_names import unfused_names
 from thrifty.quant.qtensor import QTensor, check_format, quantize_rtn
 
 METHODS = ("rtn", "awq", "gptq")
 
 
-def _unfused_names() -> dict[tuple[str, str], str]:
-    from thrifty.models.qwen2 import _SHARDS
-
-    return {(fused, shard): orig for orig, (fused, shard) in _SHARDS.items()}
-
-
 def export_tensors(model: torch.nn.Module, qts: dict[str, QTensor]) -> dict[str, torch.Tensor | QTensor]:
     """Hugging Face-named tensors: quantized layers as QTensors (fused ones split back), the rest as they are."""
-    unfused = _unfused_names()
+    unfused = unfused_names()
     out: dict[str, torch.Tensor | QTensor] = {}
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():
