@@ -2,9 +2,17 @@
 
 One local tier behind the whole policy (tenant scope, exact cache on an embedded store, coalescer, fixed
 router, fallback, the cost ledger in a SQLite file), every request a cache miss (distinct prompts),
-requests one at a time. A timing wrapper around the tier's backend measures the time spent inside it
-(the engine's own time: its queue, steps and outputs); the request's wall time minus that is the
-gateway's. The backend's prepare (tokenize and validate, once) is reported on its own line.
+requests one at a time. A timing wrapper around the tier's backend splits each request's wall time (until
+the caller has the last output) into
+
+- prepare: the backend tokenizes and validates the request (once; work the engine would do anyway);
+- before the engine: scope, exact cache look-up, coalescer, router and fallback, up to the backend's start;
+- the engine: from the backend's start to its last output (its queue, steps and outputs; handing each
+  output on happens while the engine computes the next);
+- after the engine: booking the cost, tagging, scheduling the cache store, until the caller has the output.
+
+The gateway's added latency is before + after. The same prompts sent
+straight to the AsyncEngine (token ids in, no gateway) give the engine alone, for comparison.
 """
 from __future__ import annotations
 
@@ -20,11 +28,11 @@ from thrifty.bench.stats import hardware_info, now_iso, percentile
 
 
 class TimedBackend:
-    """A backend whose generate and prepare time is summed up (`inside_s`, `prepare_s`)."""
+    """A backend that notes when it starts, when its last output leaves it, and how long prepare took."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.name, self.remote = inner, inner.name, inner.remote
-        self.inside_s = self.prepare_s = 0.0
+        self.prepare_s = self.started = self.last_out = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -37,16 +45,11 @@ class TimedBackend:
             self.prepare_s += time.perf_counter() - start
 
     async def generate(self, request: Any, logprobs: bool = False) -> AsyncIterator[Any]:
+        self.started = time.perf_counter()
         gen = self.inner.generate(request, logprobs)
         try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    out = await anext(gen)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    self.inside_s += time.perf_counter() - start
+            async for out in gen:
+                self.last_out = time.perf_counter()
                 yield out
         finally:
             await gen.aclose()
@@ -73,26 +76,47 @@ def build(model: str, folder: Path, engine_options: dict[str, Any]) -> tuple[Any
     return gateway, backend
 
 
-async def _measure(gateway: Any, backend: TimedBackend, requests: int, max_tokens: int, warmup: int
-                   ) -> dict[str, list[float]]:
+def _request(i: int, max_tokens: int) -> Any:
     from thrifty.engine.sampling import SamplingParams
     from thrifty.gateway.request import GatewayRequest
 
-    rows: dict[str, list[float]] = {"wall": [], "engine": [], "prepare": [], "gateway": []}
+    return GatewayRequest(f"bench-{i}", "local", messages=[
+        {"role": "user", "content": f"Question number {i}: what is {i} plus {i * 7}?"}],
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+async def _through_gateway(gateway: Any, backend: TimedBackend, i: int, max_tokens: int) -> dict[str, float]:
+    backend.prepare_s = 0.0
+    start = time.perf_counter()
+    done = None
+    async for out in gateway.generate(_request(i, max_tokens)):
+        if out.finished:
+            done = time.perf_counter()
+            assert out.cache == "miss", out.cache
+    wall, before = done - start, backend.started - start - backend.prepare_s
+    engine, after = backend.last_out - backend.started, done - backend.last_out
+    return {"wall": wall, "prepare": backend.prepare_s, "before": before, "engine": engine, "after": after,
+            "added": before + after}
+
+
+async def _engine_alone(backend: TimedBackend, i: int, max_tokens: int) -> float:
+    prepared = backend.inner.prepare(_request(i, max_tokens))
+    start = time.perf_counter()
+    async for out in backend.engine.generate(prepared.prompt_ids, prepared.params, request_id=f"alone-{i}"):
+        if out.finished:
+            return time.perf_counter() - start
+    raise RuntimeError("the engine ended without a final output")
+
+
+async def _measure(gateway: Any, backend: TimedBackend, requests: int, max_tokens: int, warmup: int
+                   ) -> dict[str, list[float]]:
+    rows: dict[str, list[float]] = {}
     for i in range(warmup + requests):
-        request = GatewayRequest(f"bench-{i}", "local", messages=[
-            {"role": "user", "content": f"Question number {i}: what is {i} plus {i * 7}?"}],
-            params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-        backend.inside_s = backend.prepare_s = 0.0
-        start = time.perf_counter()
-        outs = [out async for out in gateway.generate(request)]
-        wall = time.perf_counter() - start
-        assert outs[-1].finished and outs[-1].cache == "miss", outs[-1]
+        row = await _through_gateway(gateway, backend, i, max_tokens)
+        row["engine alone"] = await _engine_alone(backend, i + warmup + requests, max_tokens)
         if i >= warmup:
-            rows["wall"].append(wall)
-            rows["engine"].append(backend.inside_s)
-            rows["prepare"].append(backend.prepare_s)
-            rows["gateway"].append(wall - backend.inside_s - backend.prepare_s)
+            for name, value in row.items():
+                rows.setdefault(name, []).append(value)
     await gateway.close()
     return rows
 
@@ -110,11 +134,17 @@ def run_gateway_bench(model: str, requests: int = 50, max_tokens: int = 8, warmu
             "summary": summary, "samples_ms": {k: [x * 1e3 for x in v] for k, v in rows.items()}}
 
 
+NAMES = {"wall": "request through the gateway, end to end", "engine alone": "the same request, engine alone",
+         "prepare": "backend prepare (tokenize + validate, once)",
+         "before": "gateway before the engine (scope, cache look-up, coalescer, router, fallback)",
+         "engine": "the engine (its queue, steps, outputs)",
+         "after": "gateway after the engine (ledger, tags, cache store)",
+         "added": "gateway's added latency (before + after)"}
+
+
 def format_report(report: dict) -> str:
-    names = {"wall": "request, end to end", "engine": "inside the engine (its queue, steps, outputs)",
-             "prepare": "backend prepare (tokenize + validate, once)",
-             "gateway": "gateway path (scope, caches, coalescer, router, fallback, store, ledger)"}
-    rows = [(names[k], s["p50_ms"], s["p90_ms"], s["mean_ms"]) for k, s in report["summary"].items()]
+    rows = [(NAMES[k], report["summary"][k]["p50_ms"], report["summary"][k]["p90_ms"], report["summary"][k]["mean_ms"])
+            for k in NAMES]
     c = report["config"]
     return (f"gateway overhead, {c['requests']} cache-miss requests one at a time, {c['max_tokens']} tokens each, "
             f"{report['model']} on {report['hardware'].get('cpu', '?')}\n\n"
