@@ -48,6 +48,18 @@ def test_engine_equals_contiguous_greedy(tiny_gguf, alone):
         assert out == greedy(model, config, p, GREEDY.max_tokens)
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """The engine's fast path (thrifty's native kernels) and its torch reference path: both must give the outputs
+    `alone` (run on the native path) gave."""
+    if request.param == "torch":
+        from thrifty import native
+
+        monkeypatch.setattr(native, "runs", lambda t: False)
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("options", [
     dict(enable_prefix_caching=False),
     dict(enable_prefix_caching=True),
@@ -56,7 +68,7 @@ def test_engine_equals_contiguous_greedy(tiny_gguf, alone):
     dict(scheduler_policy="static", max_num_seqs=8),
     dict(scheduler_policy="bucketed", max_num_seqs=8),
 ], ids=["batched", "prefix-cache", "chunked", "preemption", "static", "bucketed"])
-def test_batch_of_32_matches_alone(tiny_gguf, alone, options):
+def test_batch_of_32_matches_alone(tiny_gguf, alone, options, kernels):
     prompts, expected = alone
     engine = make_engine(tiny_gguf, **options)
     assert run_all(engine, prompts) == expected

@@ -81,11 +81,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.qweight: nn.Module | None = None
+        # qweight.forward as a plain attribute: a submodule lookup goes through nn.Module.__getattr__, and a decode
+        # step makes one per linear layer (~100)
+        self._packed_forward = None
         self._staged: dict[str | None, object] | None = None  # shard -> QTensor while loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            return self.qweight.forward(x, self.bias)   # not __call__: no hooks live there, and it is per call
+        if self._packed_forward is not None:  # the packed weight's forward, not __call__: no hooks live there
+            return self._packed_forward(x, self.bias)
         return precision.linear(x, self.weight, self.bias)
 
     # ---- weight formats ---------------------------------------------------------------------------------
@@ -119,12 +122,14 @@ class Linear(nn.Module):
             raise ValueError(f"quantized weight of shape {shape} for a {self.out_features}x{self.in_features} layer")
         self.weight = None
         self.qweight = qweight
+        self._packed_forward = qweight.forward
         self._staged = None
 
     def expect_quantized(self) -> None:
         """Drop the dense weight before allocation; shards then arrive through `stage`."""
         self.weight = None
         self.qweight = None
+        self._packed_forward = None
         self._staged = {}
 
     def stage(self, shard: str | None, value) -> None:
