@@ -127,3 +127,12 @@ def test_the_checker_sees_local_and_relative_imports(tmp_path):
     found = [u for node in ast.walk(tree) for u in _targets(node, "thrifty.gateway.ledger", False)]
     assert sorted(found) == ["bench", "engine"]
     assert _cycles({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == [["a", "b", "c"]]
+
+
+def test_the_server_reads_no_engine_internals():
+    """The server sees engines through their stats snapshots only, never the scheduler or block manager that
+    the engine's worker thread is changing."""
+    found = [f"{path.relative_to(ROOT)}: {word}" for path in (ROOT / "server").rglob("*.py")
+             for word in (".scheduler", ".block_manager", ".kv_cache", "local_engine")
+             if word in path.read_text()]
+    assert found == []
