@@ -1,6 +1,7 @@
-"""The response cache in the server, on a tiny random model with the real MiniLM embedder and the embedded
-store: headers, exact and semantic hits, SSE replay, usage and metrics, per-request controls, tenant
-isolation, and 64 concurrent identical requests making one engine call."""
+"""The response cache in the server, on a tiny random model and the embedded store: headers, exact and
+semantic hits, SSE replay, usage and metrics, per-request controls, tenant isolation, and 64 concurrent
+identical requests making one engine call. Semantic hits need the real MiniLM embedder (marked `real`);
+everything else runs on a server with the exact cache only."""
 from __future__ import annotations
 
 import asyncio
@@ -25,13 +26,12 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def embedder():
-    from thrifty.gateway.embedder import Embedder
+    from thrifty.models.embedder import Embedder
 
     return Embedder.from_zoo()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_gguf, embedder, tmp_path_factory):
+def _serve(tiny_gguf, embedder, tmp_path_factory):
     engine = LLMEngine.from_model(str(tiny_gguf), dtype="float32", num_kv_blocks=512, block_size=16)
     aengine = AsyncEngine(engine)
     calls = []
@@ -43,12 +43,24 @@ def server(tiny_gguf, embedder, tmp_path_factory):
 
     aengine.generate = counting
     store = EmbeddedStore(tmp_path_factory.mktemp("cache") / "responses.sqlite3")
-    cache = ResponseCache(store, embedder=embedder, semantic=True, timeout_s=2.0)
+    semantic = embedder is not None
+    cache = ResponseCache(store, embedder=embedder, semantic=semantic, timeout_s=2.0)
     app = create_app(aengine, MODEL, ServerSettings(max_output_tokens=256), cache=cache,
-                     cache_settings=CacheSettings(semantic=True))
+                     cache_settings=CacheSettings(semantic=semantic))
     with ServerThread(app) as srv:
         srv.calls, srv.cache = calls, cache
         yield srv
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf, tmp_path_factory):
+    """The exact cache and coalescing, no embedder."""
+    yield from _serve(tiny_gguf, None, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def semantic_server(tiny_gguf, embedder, tmp_path_factory):
+    yield from _serve(tiny_gguf, embedder, tmp_path_factory)
 
 
 def post(server, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
@@ -111,7 +123,9 @@ def test_completions_endpoint_hits_too(server):
     assert r2.json()["choices"][0]["text"] == r1.json()["choices"][0]["text"]
 
 
-def test_semantic_hit_reports_similarity_and_traps_miss(server):
+@pytest.mark.real
+def test_semantic_hit_reports_similarity_and_traps_miss(semantic_server):
+    server = semantic_server
     r1 = chat(server, "How do I bleed a radiator?")
     settle(server)
     before = len(server.calls)
@@ -127,7 +141,9 @@ def test_semantic_hit_reports_similarity_and_traps_miss(server):
     assert metrics(server)["thrifty_cache_semantic_similarity_count"] >= 1
 
 
-def test_semantic_scope_is_the_whole_context(server):
+@pytest.mark.real
+def test_semantic_scope_is_the_whole_context(semantic_server):
+    server = semantic_server
     chat(server, "How do I descale a kettle?")
     settle(server)
     other_system = {"messages": [{"role": "system", "content": "Answer in French."},
@@ -163,7 +179,9 @@ def test_stream_replays_a_cached_answer_as_sse(server):
     assert sdk_text == text
 
 
-def test_tenants_never_share(server):
+@pytest.mark.real
+def test_tenants_never_share(semantic_server):
+    server = semantic_server
     q = "What documents do I need to open a bank account?"
     a = {"x-thrifty-tenant": "acme"}
     b = {"x-thrifty-tenant": "globex"}

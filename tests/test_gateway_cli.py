@@ -12,7 +12,7 @@ from thrifty.config import PriceSettings, RouterSettings, ServerSettings, Thrift
 from thrifty.engine.engine import LLMEngine
 from thrifty.gateway.costs import auto_price
 from thrifty.gateway.ledger import Charge, Ledger
-from thrifty.gateway.throughput import measured_throughput, probe_key
+from thrifty.engine.throughput import measured_throughput, probe_key
 from thrifty.gateway.tiers import build_gateway
 
 ENGINE = dict(dtype="float32", num_kv_blocks=128, block_size=16)

@@ -17,7 +17,7 @@ from thrifty.gateway.costs import Price
 from thrifty.gateway.fallback import AllTiersFailedError
 from thrifty.gateway.gateway import Gateway, Tier
 from thrifty.gateway.router import FixedRouter
-from thrifty.server.serving import Prepared
+from thrifty.gateway.request import BackendRequest, GatewayOutput, GatewayRequest
 
 
 class FakeBackend:
@@ -32,6 +32,9 @@ class FakeBackend:
         self.error = error
         self.calls = 0
         self.logprobs_asked: list[bool] = []
+
+    def prepare(self, request: GatewayRequest) -> BackendRequest:
+        return BackendRequest(request, [1, 2, 3], request.params, self.name)
 
     async def generate(self, request, logprobs: bool = False):
         self.calls += 1
@@ -55,10 +58,9 @@ class FakeBackend:
         pass
 
 
-def request(target: str | None = None) -> Prepared:
-    return Prepared("req-1", [1, 2, 3], SamplingParams(temperature=0.0), False, False, None, chat=True,
-                    messages=[{"role": "user", "content": "hello"}], target=target,
-                    requested=target or "auto")
+def request(target: str | None = None) -> GatewayRequest:
+    return GatewayRequest("req-1", target or "auto", chat=True, messages=[{"role": "user", "content": "hello"}],
+                          params=SamplingParams(temperature=0.0))
 
 
 def gateway(*backends: FakeBackend, settings: RouterSettings | None = None, timeouts: dict | None = None,
@@ -74,7 +76,7 @@ async def _no_sleep(seconds: float) -> None:
     await asyncio.sleep(0)
 
 
-def run(gw: Gateway, p: Prepared) -> list[RequestOutput]:
+def run(gw: Gateway, p: GatewayRequest) -> list[GatewayOutput]:
     async def main():
         return [out async for out in gw.generate(p)]
     return asyncio.run(main())
@@ -86,24 +88,24 @@ def test_erroring_tier_falls_to_the_next():
     outs = run(gateway(small, large), p)
     assert outs[-1].text == "from large" and outs[-1].finished
     assert small.calls == 2  # one try + one retry (router.retries=1), then the next tier
-    assert p.tier == "large" and p.route == "large; fixed; fallback from small" and p.model == "large"
-    assert p.cost == pytest.approx((6 * 1.0 + 4 * 0.5 + 2 * 4.0) / 1e6)
+    assert outs[-1].tier == "large" and outs[-1].route == "large; fixed; fallback from small"
+    assert outs[-1].cost == pytest.approx((6 * 1.0 + 4 * 0.5 + 2 * 4.0) / 1e6)
 
 
 def test_fallback_wraps_to_cheaper_tiers():
     small, large = FakeBackend("small", "from small"), FakeBackend("large", fail=99)
     p = request(target="large")
     outs = run(gateway(small, large), p)
-    assert outs[-1].text == "from small" and p.route == "small; pinned; fallback from large"
-    assert large.calls == 2 and p.model == "small"
+    assert outs[-1].text == "from small" and outs[-1].route == "small; pinned; fallback from large"
+    assert large.calls == 2 and outs[-1].tier == "small"
 
 
 def test_hanging_tier_times_out_and_falls_back():
     slow, fast = FakeBackend("slow", hang=True), FakeBackend("fast", "in time")
     gw = gateway(slow, fast, settings=RouterSettings(retries=0), timeouts={"slow": 0.2})
-    p = request()
-    assert run(gw, p)[-1].text == "in time"
-    assert slow.calls == 1 and p.tier == "fast"
+    outs = run(gw, request())
+    assert outs[-1].text == "in time"
+    assert slow.calls == 1 and outs[-1].tier == "fast"
 
 
 def test_retry_waits_with_exponential_backoff():
@@ -115,9 +117,9 @@ def test_retry_waits_with_exponential_backoff():
         waits.append(seconds)
 
     gw.fallback.sleep = sleep
-    p = request()
-    assert run(gw, p)[-1].text == "third time lucky"
-    assert flaky.calls == 3 and waits == [0.5, 1.0] and p.tier == "flaky"
+    outs = run(gw, request())
+    assert outs[-1].text == "third time lucky"
+    assert flaky.calls == 3 and waits == [0.5, 1.0] and outs[-1].tier == "flaky"
 
 
 def test_failing_tier_cools_down_and_is_skipped():

@@ -50,10 +50,10 @@ def test_cascade_that_passes_pays_the_small_tier_only():
     gw, small, large, router = cascade_gateway()
     p, outs = ask(gw, "easy question")
     assert outs[-1].text == "a b" and large.calls == 0
-    assert p.route == "small; cascade: check passed"
+    assert outs[-1].route == "small; cascade: check passed"
     # the check saw the sampled tokens' logprobs, asked for internally
     assert small.logprobs_asked == [True] and router.answers[0].token_logprobs == [-0.5, -0.5]
-    assert p.cost == pytest.approx((6 * 1.0 + 4 * 0.5 + 2 * 2.0) / 1e6)            # 12e-6
+    assert outs[-1].cost == pytest.approx((6 * 1.0 + 4 * 0.5 + 2 * 2.0) / 1e6)     # 12e-6
     (charge,) = gw.ledger.charges()
     assert charge.final and charge.baseline_usd == pytest.approx((6 * 10 + 4 * 5 + 2 * 20) / 1e6)  # 120e-6
     total = gw.ledger.report().total
@@ -63,10 +63,11 @@ def test_cascade_that_passes_pays_the_small_tier_only():
 def test_escalated_cascade_pays_both_answers():
     gw, small, large, _ = cascade_gateway()
     p, outs = ask(gw, "hard question")
-    assert outs[-1].text == "x y z" and p.route == "large; cascade: examples failed" and p.model == "large"
+    assert outs[-1].text == "x y z" and outs[-1].route == "large; cascade: examples failed"
+    assert outs[-1].tier == "large"
     assert large.logprobs_asked == [False]  # the top tier streams: nothing to check after it
     cost_small, cost_large = 12e-6, (6 * 10 + 4 * 5 + 3 * 20) / 1e6               # 140e-6
-    assert p.cost == pytest.approx(cost_small + cost_large)
+    assert outs[-1].cost == pytest.approx(cost_small + cost_large)
     thrown, final = gw.ledger.charges()
     assert (thrown.tier, thrown.final, thrown.cost_usd, thrown.baseline_usd) == ("small", False,
                                                                                  pytest.approx(cost_small), 0.0)
@@ -80,9 +81,8 @@ def test_escalated_cascade_pays_both_answers():
 
 def test_cache_hit_costs_nothing_and_saves_its_tier_cost():
     gw, *_ = cascade_gateway()
-    p = request()
-    gw.book_cached(p, "small", "hit", prompt_tokens=10, completion_tokens=2)
-    assert p.cost == 0.0 and p.route == "small; cache hit" and p.tier == "small"
+    b = gw.book_cached(gw.prepare(request()), "small", "hit", prompt_tokens=10, completion_tokens=2)
+    assert b.cost == 0.0 and b.route == "small; cache hit" and b.tier == "small"
     (charge,) = gw.ledger.charges()
     assert charge.cost_usd == 0.0 and charge.cache == "hit"
     assert charge.saved_cache_usd == pytest.approx((10 * 1.0 + 2 * 2.0) / 1e6)     # all of the prompt computed
@@ -90,7 +90,7 @@ def test_cache_hit_costs_nothing_and_saves_its_tier_cost():
     total = gw.ledger.report().total
     assert total.saved_cache_usd == pytest.approx(14e-6) and total.saved_routing_usd == pytest.approx(126e-6)
     # an entry from an unknown tier is booked on the request's own tier (auto: the cheapest)
-    gw.book_cached(request(target="large"), "gone", "coalesced", 10, 2)
+    gw.book_cached(gw.prepare(request(target="large")), "gone", "coalesced", 10, 2)
     assert gw.ledger.charges()[-1].tier == "large"
 
 

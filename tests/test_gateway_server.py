@@ -18,7 +18,8 @@ import pytest
 from thrifty.config import CacheSettings, PriceSettings, RouterSettings, ServerSettings, ThriftyConfig, TierSettings
 from thrifty.engine.async_engine import AsyncEngine
 from thrifty.engine.engine import LLMEngine
-from thrifty.gateway.backends import BackendError, RemoteBackend
+from thrifty.gateway.backends import BackendError
+from thrifty.gateway.remote import RemoteBackend
 from thrifty.gateway.cache import ResponseCache
 from thrifty.gateway.cache.embedded import EmbeddedStore
 from thrifty.gateway.costs import Price, request_cost
@@ -223,7 +224,7 @@ def test_down_tier_falls_back_and_keys_stay_secret(tiny_gguf, cloud, tmp_path, c
 
     async def call():
         try:
-            return [out async for out in backend.generate(request())]
+            return [out async for out in backend.generate(backend.prepare(request()))]
         finally:
             await backend.close()
 

@@ -14,11 +14,11 @@ from thrifty.errors import InvalidRequestError, ModelFileError, UnsupportedModel
 from thrifty.models.layers import Linear, MergedLinear
 from thrifty.models.loader import load
 from thrifty.quant import kernels
-from thrifty.quant.gguf_native import decode, harmonize
+from thrifty.models.gguf_native import decode, harmonize
 from thrifty.quant.kernels import pack
-from thrifty.quant.loading import formats, weight_bytes
+from thrifty.models.quantized import formats, weight_bytes
 from thrifty.quant.qtensor import QTensor, check_format, quantize_fp8, quantize_int4, quantize_int8, quantize_rtn
-from thrifty.quant.spec import parse_weights
+from thrifty.models.weight_spec import parse_weights
 
 T = gguf.GGMLQuantizationType
 
@@ -201,7 +201,7 @@ def test_unsupported_group_for_width_and_bad_specs():
 
 
 def test_gguf_weights_need_a_gguf_file(tiny128, tmp_path):
-    from thrifty.quant.spec import resolve_weights
+    from thrifty.models.weight_spec import resolve_weights
 
     with pytest.raises(InvalidRequestError, match="gguf"):
         resolve_weights(tmp_path, "gguf", "auto")

@@ -14,12 +14,12 @@ from thrifty.engine.engine import LLMEngine
 from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import InvalidRequestError, ModelFileError
 from thrifty.models.loader import load
-from thrifty.quant import awq, data
-from thrifty.quant.evaluate import EvalSet, score
-from thrifty.quant.gptq import gptq_quantize, hessian
-from thrifty.quant.loading import formats
+from thrifty.quantizers import awq, data
+from thrifty.bench.ppl import EvalSet, score
+from thrifty.quantizers.gptq import gptq_quantize, hessian
+from thrifty.models.quantized import formats
 from thrifty.quant.qtensor import quantize_rtn
-from thrifty.quant.quantize import quantize_model
+from thrifty.quantizers.quantize import quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,9 @@ def test_awq_scale_search_picks_the_grid_point_with_least_token_error():
 @pytest.mark.parametrize("qkv_loss", ["proj", "attn"])
 def test_awq_layer_scales_keep_the_float_function(tiny, monkeypatch, qkv_loss):
     """With exact 'rounding', folding the scales (norms, v rows with GQA ties, up rows) changes nothing."""
-    from thrifty.quant.evaluate import prefill_meta
+    from thrifty.bench.ppl import prefill_meta
     from thrifty.quant.qtensor import QTensor
-    from thrifty.quant.quantize import _capture
+    from thrifty.quantizers.quantize import _capture
 
     monkeypatch.setattr(awq, "QKV_LOSS", qkv_loss)
     monkeypatch.setattr(awq, "quantize_weight", lambda w, h, bits, group: QTensor(
@@ -233,12 +233,12 @@ def test_awq_and_gptq_beat_rtn_at_4_bits(uneven_tiny, tmp_path):
 
 
 def test_sharded_folder_and_missing_shard(tiny, tmp_path):
-    from thrifty.quant import checkpoint
+    from thrifty.models import quantized_checkpoint as checkpoint
 
     out = tmp_path / "q"
     loaded = load(tiny, dtype="float32")
-    from thrifty.quant.quantize import export_tensors
-    from thrifty.quant.loading import quantizable_layers
+    from thrifty.quantizers.quantize import export_tensors
+    from thrifty.models.quantized import quantizable_layers
 
     qts = {n: quantize_rtn(m.weight, 8, None) for n, m in quantizable_layers(loaded.model).items()}
     checkpoint.save(out, loaded.config, export_tensors(loaded.model, qts), loaded.tokenizer,

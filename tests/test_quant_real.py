@@ -5,7 +5,7 @@ import pytest
 
 from thrifty.bench.engine_run import greedy_exact, make_engine
 from thrifty.models.loader import load
-from thrifty.quant.loading import formats, weight_bytes
+from thrifty.models.quantized import formats, weight_bytes
 
 pytestmark = pytest.mark.real
 

@@ -109,6 +109,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import router
 
         router.add_parser(suites)
+    if "gateway" not in suites.choices:
+        from thrifty.bench import gateway
+
+        gateway.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -122,31 +126,36 @@ def _run_bench(args: argparse.Namespace) -> None:
 
         run_router(args)
         return
+    if getattr(args, "bench_command", None) == "gateway":
+        from thrifty.bench.gateway import run as run_gateway
+
+        run_gateway(args)
+        return
     from thrifty.bench.command import run
 
     run(args)
 
 
 def _cache(sub: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.cache.command import add_parser
+    from thrifty.bench.cache_command import add_parser
 
     add_parser(sub)
 
 
 def _run_cache(args: argparse.Namespace) -> None:
-    from thrifty.gateway.cache.command import run
+    from thrifty.bench.cache_command import run
 
     run(args)
 
 
 def _router(sub: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.router_command import add_parser
+    from thrifty.bench.router_command import add_parser
 
     add_parser(sub)
 
 
 def _run_router(args: argparse.Namespace) -> None:
-    from thrifty.gateway.router_command import run
+    from thrifty.bench.router_command import run
 
     run(args)
 
@@ -200,7 +209,7 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
-    from thrifty.quant.quantize import quantize_model
+    from thrifty.quantizers.quantize import quantize_model
 
     out = quantize_model(args.model, args.method, args.bits, args.out, args.group_size, args.calib_samples,
                          args.calib_seq_len, args.seed, threads=args.threads, act_order=args.act_order)
@@ -223,7 +232,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from thrifty.quant.evaluate import eval_ppl
+    from thrifty.bench.ppl import eval_ppl
 
     result = eval_ppl(args.model, args.weights, args.max_eval_tokens, args.seq_len, threads=args.threads)
     kl = result["kl_vs_bf16"]

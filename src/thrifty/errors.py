@@ -43,3 +43,11 @@ class InvalidRequestError(ThriftyError, ValueError):
     def __init__(self, message: str, fix: str = "", param: str | None = None) -> None:
         super().__init__(message, fix)
         self.param = param
+
+
+class ModelNotServedError(ThriftyError):
+    """A request for a model the gateway does not serve."""
+
+    def __init__(self, model: str, served: str) -> None:
+        super().__init__(f"the model '{model}' does not exist on this server", f"use '{served}' (see GET /v1/models)")
+        self.param = "model"

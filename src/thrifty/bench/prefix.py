@@ -31,7 +31,7 @@ class PrefixConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     threads: int | None = None
-    weights: str = "auto"                 # weight format (thrifty.quant.spec)
+    weights: str = "auto"                 # weight format (thrifty.models.weight_spec)
     device: str | None = None             # auto / cpu / cuda
     warmup: bool = True
     progress: bool = True

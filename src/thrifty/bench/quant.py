@@ -47,8 +47,8 @@ def _folder(model: str, method: str, group: int, given: str | None, progress: bo
     if given:
         return given
     from thrifty.paths import home
-    from thrifty.quant import checkpoint
-    from thrifty.quant.quantize import quantize_model
+    from thrifty.models import quantized_checkpoint as checkpoint
+    from thrifty.quantizers.quantize import quantize_model
 
     out = home() / "quant" / f"{Path(str(model)).stem}-{method}-4b-g{group}"
     if not checkpoint.is_quantized_folder(out):
@@ -57,7 +57,7 @@ def _folder(model: str, method: str, group: int, given: str | None, progress: bo
 
 
 def _text_ids(tokenizer, n: int) -> list[int]:
-    from thrifty.quant import data
+    from thrifty.quantizers import data
 
     ids = data._stream(tokenizer, data.documents("code", held_out=True), n)
     return ids[:n]
@@ -167,7 +167,7 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
     import numpy as np
 
     from thrifty.models.gguf_file import GGUFFile, hf_name
-    from thrifty.quant.gguf_native import is_linear_weight
+    from thrifty.models.gguf_native import is_linear_weight
 
     from thrifty.bench.llamacpp_peer import _cpu_has
 
@@ -229,8 +229,8 @@ def run_quant(args: argparse.Namespace) -> dict:
 
     from thrifty.models import zoo
     from thrifty.models.loader import load
-    from thrifty.quant import data
-    from thrifty.quant.evaluate import EvalSet, score
+    from thrifty.quantizers import data
+    from thrifty.bench.ppl import EvalSet, score
 
     torch.set_num_threads(args.threads)
     names = [f.strip() for f in args.formats.split(",") if f.strip()]

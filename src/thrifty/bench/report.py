@@ -3,29 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
 
-from thrifty.errors import ThriftyError
+from thrifty.reporting import fmt, markdown_table, pyplot as _pyplot, save_figure as _save
 
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 10 ** -(digits - 1):
-            return f"{value:.{digits}g}"
-        return f"{value:,.{digits}f}" if abs(value) < 100 else f"{value:,.1f}"
-    return str(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_step", "plot_throughput", "write_json"]
 
 
 def write_json(path: str | Path, report: dict) -> Path:
@@ -33,17 +14,6 @@ def write_json(path: str | Path, report: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ThriftyError("--plot needs matplotlib", "pip install 'matplotlib==3.11.2'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_throughput(report: dict, path: str | Path) -> Path:
@@ -96,14 +66,6 @@ def plot_prefix(report: dict, path: str | Path) -> Path:
     ax.set_title(f"{report['model']['name']}: shared prefix {c['shared_prefix']} + suffix {c['suffix']}", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_step(report: dict, path: str | Path) -> Path:

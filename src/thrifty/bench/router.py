@@ -29,7 +29,7 @@ HELD_OUT = "100-163"
 
 
 def add_parser(suites: argparse._SubParsersAction) -> None:
-    from thrifty.gateway.router_command import add_router_args, add_run_args
+    from thrifty.bench.router_command import add_router_args, add_run_args
 
     p = suites.add_parser("router", help="routing strategies on held-out HumanEval: pass@1 and cost")
     add_run_args(p, HELD_OUT)

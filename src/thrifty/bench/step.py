@@ -99,7 +99,7 @@ def measure_gemm_rate(device: torch.device, n: int = 2048) -> float:
 def _model_counts(loaded) -> dict[str, int]:
     """Bytes a decode step reads once whatever the batch, and the multiply-adds of one token."""
     from thrifty.models.layers import Linear
-    from thrifty.quant.loading import weight_bytes
+    from thrifty.models.quantized import weight_bytes
 
     wb = weight_bytes(loaded.model)
     macs = sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, Linear))

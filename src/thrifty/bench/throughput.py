@@ -40,7 +40,7 @@ class ThroughputConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     threads: int | None = None
-    weights: str = "auto"                 # weight format (thrifty.quant.spec)
+    weights: str = "auto"                 # weight format (thrifty.models.weight_spec)
     device: str | None = None             # auto / cpu / cuda
     hf_requests: int = 4                  # requests the HF peer actually times (the rest are extrapolated)
     hf_dtype: str = "bfloat16"

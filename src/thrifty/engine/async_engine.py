@@ -2,7 +2,8 @@
 
 One background task drives `step()` in a worker thread, so the event loop keeps serving HTTP while the
 model computes. Requests and aborts are queued and applied between steps, so the engine itself is only
-ever touched by that one thread. A consumer that stops iterating (client gone, task cancelled) aborts
+ever touched by that one thread; other threads read its state from `stats_snapshot()`, which that thread
+takes after every step. A request is validated once, here, before it is queued. A consumer that stops iterating (client gone, task cancelled) aborts
 its request, which frees its KV blocks at the next step.
 """
 from __future__ import annotations
@@ -13,15 +14,15 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from thrifty.engine.engine import LLMEngine, RequestOutput
+from thrifty.engine.engine import LLMEngine, RequestOutput, ValidRequest
 from thrifty.engine.sampling import SamplingParams
+from thrifty.engine.snapshot import EngineSnapshot
 
 
 @dataclass(slots=True)
 class _Add:
     request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
+    request: ValidRequest
     extra_key: str | None
 
 
@@ -40,22 +41,36 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.errored: BaseException | None = None
+        self._snapshot = EngineSnapshot.of(engine)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def num_requests(self) -> int:
         return len(self._queues)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       extra_key: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs of one request; bad input raises InvalidRequestError before anything is queued."""
-        self.engine.validate(prompt, params)
+    def stats_snapshot(self) -> EngineSnapshot:
+        """The engine's state after its last step; safe from any thread."""
+        return self._snapshot
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> ValidRequest:
+        """The checked request (InvalidRequestError when it is bad); reads only the engine's constants."""
+        return self.engine.validate(prompt, params)
+
+    async def generate(self, prompt: str | list[int] | ValidRequest, params: SamplingParams | None = None,
+                       request_id: str | None = None, extra_key: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs of one request; bad input raises InvalidRequestError before anything is queued.
+        `prompt` may be what validate() returned (then `params` is ignored)."""
+        valid = prompt if isinstance(prompt, ValidRequest) else self.engine.validate(prompt, params)
         request_id = request_id or f"areq-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._submit(_Add(request_id, prompt, params, extra_key))
+        self._submit(_Add(request_id, valid, extra_key))
         finished = False
         try:
             while True:
@@ -100,6 +115,7 @@ class AsyncEngine:
                 for queue in list(self._queues.values()):
                     queue.put_nowait(e)
                 self.engine.abort_all()
+                self._snapshot = EngineSnapshot.of(self.engine)
                 continue
             for request_id, item in [*failed, *((o.request_id, o) for o in outputs)]:
                 queue = self._queues.get(request_id)
@@ -116,10 +132,13 @@ class AsyncEngine:
                 self.engine.abort(op.request_id)
             elif op.request_id in self._queues:  # not cancelled while queued
                 try:
-                    self.engine.add_request(op.prompt, op.params, op.request_id, op.extra_key)
+                    self.engine.add_request(op.request, None, op.request_id, op.extra_key)
                 except Exception as e:
                     failed.append((op.request_id, e))
-        return self.engine.step(), failed
+        try:
+            return self.engine.step(), failed
+        finally:
+            self._snapshot = EngineSnapshot.of(self.engine)
 
     async def shutdown(self) -> None:
         if self._task is not None:

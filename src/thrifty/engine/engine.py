@@ -64,6 +64,14 @@ class RequestOutput:
     usage: Usage
 
 
+@dataclass(slots=True, frozen=True)
+class ValidRequest:
+    """A prompt and params that passed `LLMEngine.validate`: add_request takes it without checking again."""
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
@@ -106,8 +114,8 @@ class LLMEngine:
         return cls(load(model, config.dtype, config.device, weights=config.weights), config)
 
     # ---- requests ----------------------------------------------------------------------------------
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """The prompt's token ids, or InvalidRequestError; touches no state."""
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> ValidRequest:
+        """The request with its prompt's token ids, or InvalidRequestError; touches no state."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "", param="params")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -120,16 +128,17 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; this model's context holds {self.max_model_len} "
                 f"(prompt plus at least one output token)", "shorten the prompt", param="prompt")
-        return ids
+        return ValidRequest(prompt if isinstance(prompt, str) else None, ids, params)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int] | ValidRequest, params: SamplingParams | None = None,
                     request_id: str | None = None, extra_key: str | None = None) -> str:
-        params = params or SamplingParams()
-        ids = self.validate(prompt, params)
+        """`prompt`: text, token ids, or what validate() returned (then `params` is ignored: not checked twice)."""
+        valid = prompt if isinstance(prompt, ValidRequest) else self.validate(prompt, params or SamplingParams())
+        prompt, ids, params = valid.prompt, valid.prompt_token_ids, valid.params
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "", param="request_id")
-        seq = Sequence(request_id, prompt if isinstance(prompt, str) else None, ids, params, extra_key=extra_key,
+        seq = Sequence(request_id, prompt, ids, params, extra_key=extra_key,
                        generator=make_generator(params.seed, self.loaded.device))
         seq.detokenizer = self.tokenizer.incremental_detokenizer(ids, params.skip_special_tokens)
         self._requests[request_id] = seq
@@ -146,9 +155,8 @@ class LLMEngine:
     def run(self, prompts: list[str | list[int]], params: list[SamplingParams],
             on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Add every request (all validated first), step until all finish; final outputs in the prompts' order."""
-        for prompt, p in zip(prompts, params, strict=True):
-            self.validate(prompt, p)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        valid = [self.validate(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        ids = [self.add_request(v) for v in valid]
         done: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
@@ -164,6 +172,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reset_stats(self) -> None:
+        """Forget the prefix cache and every counter: what ran so far (a probe, a warm-up) was not traffic."""
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.stats = type(self.block_manager.stats)()
+        self.stats = EngineStats()
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -1,7 +1,11 @@
-"""Backends: where a tier's requests run. The local engine, or a remote OpenAI-compatible API over HTTP.
+"""Backends: where a tier's requests run. The local engine here, a remote OpenAI-compatible API over HTTP
+in thrifty.gateway.remote.
 
-Both stream `RequestOutput`s (the engine's own type), so the server formats, caches and counts an answer
-the same way whichever tier produced it. A backend raises
+Each backend owns its tokenization and checks: `prepare(request)` turns a GatewayRequest into a
+BackendRequest (prompt ids in its vocabulary, max_tokens fitted to its context) or raises
+InvalidRequestError, once; `generate(prepared)` runs it without checking again. Both stream
+`RequestOutput`s (the engine's own type), so an answer is formatted, cached and counted the same way
+whichever tier produced it. A backend raises
 
 - `BackendError` when the tier failed (unreachable, 5xx, 429, a refused API key, a broken stream): the
   gateway retries it, falls to another tier and lets it cool down (thrifty.gateway.fallback);
@@ -14,13 +18,13 @@ header, and are scrubbed from every error message.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
-from thrifty.engine.engine import RequestOutput, Usage
+from thrifty.engine.engine import RequestOutput
 from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import InvalidRequestError, ThriftyError
+from thrifty.gateway.request import BackendRequest, GatewayRequest
 
 
 class BackendError(ThriftyError):
@@ -39,18 +43,6 @@ class RemoteRequestError(InvalidRequestError):
     """A remote tier refused the request as invalid (HTTP 400, 413, 422)."""
 
 
-class BackendRequest(Protocol):
-    """What a backend needs of a request (thrifty.server.serving.Prepared is one)."""
-    request_id: str
-    chat: bool
-    messages: list[dict] | None              # chat: {"role", "content"} dicts
-    prompt: str | list[int] | None           # completions
-    prompt_ids: list[int]                    # tokenized by `tokenizer` (empty when no local tokenizer)
-    tokenizer: Any
-    params: SamplingParams
-    forward: dict[str, Any]                  # the client's OpenAI fields, for a remote tier
-
-
 @dataclass(slots=True)
 class TextLogprob:
     """A remote tier's token logprob: it names tokens by text, not by our vocabulary's ids."""
@@ -63,6 +55,10 @@ class TextLogprob:
 class Backend(Protocol):
     name: str
     remote: bool
+
+    def prepare(self, request: GatewayRequest) -> BackendRequest:
+        """`request` tokenized and checked for this backend; InvalidRequestError when it is bad."""
+        ...
 
     def generate(self, request: BackendRequest, logprobs: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream the outputs; `logprobs`: also return the sampled tokens' logprobs (the cascade's check)."""
@@ -79,6 +75,26 @@ def prompt_ids(tokenizer: Any, chat: bool, messages: list[dict] | None, prompt: 
     return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
 
 
+def fit_max_tokens(request: GatewayRequest, num_prompt: int, max_model_len: int | None) -> SamplingParams:
+    """The request's params with max_tokens checked against the limits and the context (None: a remote
+    context, which the remote checks), or lowered to fit when the client did not ask for a number."""
+    params, limit = request.params, request.limits.max_output_tokens
+    asked = params.max_tokens
+    room = max_model_len - num_prompt if max_model_len is not None else 1 << 62
+    if not request.max_tokens_given:
+        fitted = max(1, min(asked, limit, room))
+        return params if fitted == asked else dataclasses.replace(params, max_tokens=fitted)
+    if asked > limit:
+        raise InvalidRequestError(f"max_tokens is {asked}, above this server's limit of {limit}",
+                                  f"ask for at most {limit} tokens", param="max_tokens")
+    if asked > room:
+        raise InvalidRequestError(
+            f"this model's context holds {max_model_len} tokens, but {num_prompt + asked} were "
+            f"requested ({num_prompt} in the prompt, {asked} for the output)",
+            "shorten the prompt or lower max_tokens", param="max_tokens")
+    return params
+
+
 class LocalBackend:
     """The local engine (thrifty.engine.async_engine.AsyncEngine) of one tier."""
 
@@ -91,14 +107,36 @@ class LocalBackend:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats_snapshot(self) -> Any:
+        return self.engine.stats_snapshot()
+
+    def prepare(self, request: GatewayRequest) -> BackendRequest:
+        ids = prompt_ids(self.tokenizer, request.chat, request.messages, request.prompt)
+        param = "messages" if request.chat else "prompt"
+        limit = request.limits.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens, above this server's limit of {limit}",
+                                      "shorten the prompt", param=param)
+        try:
+            valid = self.engine.validate(ids, request.params)
+        except InvalidRequestError as e:
+            e.param = param if e.param == "prompt" else e.param
+            raise
+        params = fit_max_tokens(request, len(ids), self.max_model_len)
+        valid = dataclasses.replace(valid, params=params)
+        return BackendRequest(request, valid.prompt_token_ids, params, self.name, valid)
+
     async def generate(self, request: BackendRequest, logprobs: bool = False) -> AsyncIterator[RequestOutput]:
-        ids = request.prompt_ids
-        if request.tokenizer is not self.tokenizer:  # prepared on another tier's vocabulary
-            ids = prompt_ids(self.tokenizer, request.chat, request.messages, request.prompt)
-        params = request.params
-        if logprobs and params.logprobs is None:  # 0: the sampled token's logprob only, no top list
-            params = dataclasses.replace(params, logprobs=0)
-        gen = self.engine.generate(ids, params, request_id=request.request_id)
+        if request.checked_by != self.name:  # checked by another tier: its vocabulary and context differ
+            request = self.prepare(request.request)
+        valid = request.valid
+        if logprobs and valid.params.logprobs is None:  # 0: the sampled token's logprob only, no top list
+            valid = dataclasses.replace(valid, params=dataclasses.replace(valid.params, logprobs=0))
+        gen = self.engine.generate(valid, request_id=request.request_id)
         try:
             async for out in gen:
                 yield out
@@ -107,131 +145,3 @@ class LocalBackend:
 
     async def close(self) -> None:
         await self.engine.shutdown()
-
-
-_CLIENT_ERRORS = (400, 413, 422)            # the request's fault; anything else is the tier's
-
-
-class RemoteBackend:
-    """A remote OpenAI-compatible server (/v1/chat/completions, /v1/completions), always streamed (SSE)
-    so a long answer is not held in a proxy's buffer and usage arrives in the last chunk."""
-
-    remote = True
-
-    def __init__(self, name: str, api_base: str, model: str, api_key: str | None = None,
-                 timeout_s: float = 120.0, transport: Any = None) -> None:
-        self.name, self.api_base, self.model = name, api_base.rstrip("/"), model
-        self._key = api_key
-        self.timeout_s = timeout_s
-        self._transport = transport
-        self._client = None
-
-    def _http(self):
-        import httpx
-
-        if self._client is None:  # created on first use, inside the loop that uses it
-            headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-            self._client = httpx.AsyncClient(base_url=self.api_base, headers=headers, transport=self._transport,
-                                             timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
-        return self._client
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    def body(self, request: BackendRequest, logprobs: bool) -> dict[str, Any]:
-        body = {k: v for k, v in request.forward.items() if k not in ("model", "stream", "stream_options", "cache")}
-        body.update(model=self.model, stream=True, stream_options={"include_usage": True})
-        if request.chat:
-            body["messages"] = request.messages
-            if logprobs and not body.get("logprobs"):
-                body["logprobs"] = True
-        else:
-            body["prompt"] = request.prompt
-            if logprobs and body.get("logprobs") is None:
-                body["logprobs"] = 0
-        if "max_tokens" not in body and "max_completion_tokens" not in body:  # our limit, not the remote's default
-            body["max_tokens"] = request.params.max_tokens
-        return body
-
-    async def generate(self, request: BackendRequest, logprobs: bool = False) -> AsyncIterator[RequestOutput]:
-        import httpx
-
-        path = "/chat/completions" if request.chat else "/completions"
-        try:
-            async with self._http().stream("POST", path, json=self.body(request, logprobs)) as r:
-                if r.status_code != 200:
-                    raise self._status_error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
-                async for out in self._parse(request, r.aiter_lines()):
-                    yield out
-        except httpx.TimeoutException as e:
-            raise TierTimeoutError(self.name, f"{self.api_base} did not answer in time ({type(e).__name__})") from None
-        except httpx.HTTPError as e:
-            raise BackendError(self.name, f"{self.api_base}: {self._scrub(str(e)) or type(e).__name__}") from None
-
-    def _status_error(self, status: int, text: str) -> ThriftyError:
-        try:
-            message = json.loads(text)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = text.strip()[:300]
-        message = self._scrub(str(message))
-        if status in _CLIENT_ERRORS:
-            return RemoteRequestError(f"tier '{self.name}' refused the request: {message}")
-        fix = "check the tier's api_key_env" if status in (401, 403) else ""
-        return BackendError(self.name, f"{self.api_base} answered HTTP {status}: {message}", fix)
-
-    async def _parse(self, request: BackendRequest, lines: AsyncIterator[str]) -> AsyncIterator[RequestOutput]:
-        text, lps, finish, usage, n_chunks = "", [], None, None, 0
-        ids = list(request.prompt_ids)
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise BackendError(self.name, "the stream held a line that is not JSON") from None
-            if "error" in chunk:
-                raise BackendError(self.name, self._scrub(str(chunk["error"].get("message", chunk["error"]))))
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                delta = (choice.get("delta") or {}).get("content") if request.chat else choice.get("text")
-                lps.extend(_logprobs(choice.get("logprobs"), request.chat))
-                finish = choice.get("finish_reason") or finish
-                if delta:
-                    n_chunks += 1
-                    text += delta
-                    yield RequestOutput(request.request_id, None, ids, text, [], delta, [], False, None, None,
-                                        list(lps), _usage(usage, ids, n_chunks, len(lps)))
-        if finish is None and usage is None:
-            raise BackendError(self.name, "the stream ended before the answer did")
-        yield RequestOutput(request.request_id, None, ids, text, [], "", [], True, finish or "stop", None,
-                            list(lps), _usage(usage, ids, n_chunks, len(lps)))
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-def _usage(usage: dict | None, ids: list[int], n_chunks: int, n_logprobs: int) -> Usage:
-    """The remote's usage; before it arrives (or from a server that sends none), our best count."""
-    if usage:
-        details = usage.get("prompt_tokens_details") or {}
-        return Usage(int(usage.get("prompt_tokens", 0)), int(details.get("cached_tokens") or 0),
-                     int(usage.get("completion_tokens", 0)), None, None)
-    return Usage(len(ids), 0, max(n_chunks, n_logprobs), None, None)
-
-
-def _logprobs(data: dict | None, chat: bool) -> list[TextLogprob]:
-    if not data:
-        return []
-    if chat:
-        return [TextLogprob(e["token"], float(e["logprob"]),
-                            [(t["token"], float(t["logprob"])) for t in e.get("top_logprobs") or []], e.get("bytes"))
-                for e in data.get("content") or []]
-    tops = data.get("top_logprobs") or []
-    return [TextLogprob(tok, float(lp) if lp is not None else float("-inf"),
-                        list((tops[i] or {}).items()) if i < len(tops) else None)
-            for i, (tok, lp) in enumerate(zip(data.get("tokens") or [], data.get("token_logprobs") or []))]

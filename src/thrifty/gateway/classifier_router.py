@@ -15,7 +15,7 @@ from thrifty.gateway.router import Answer, Route, RouteRequest
 class ClassifierRouter:
     tiers: list[str]
     model: DifficultyModel
-    embedder: Any                      # thrifty.gateway.embedder.Embedder (anything with embed(texts))
+    embedder: Any                      # thrifty.models.embedder.Embedder (anything with embed(texts))
     threshold: float
     strategy: str = "classifier"
 
@@ -23,7 +23,7 @@ class ClassifierRouter:
     def from_settings(cls, settings: RouterSettings, tiers: list[str], embedder: Any = None) -> ClassifierRouter:
         model = DifficultyModel.load(settings.classifier_path or default_classifier_path())
         if embedder is None:
-            from thrifty.gateway.embedder import Embedder
+            from thrifty.models.embedder import Embedder
 
             embedder = Embedder.from_zoo(model.embedder)
         threshold = settings.threshold if settings.threshold is not None else (

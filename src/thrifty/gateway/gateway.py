@@ -1,91 +1,76 @@
-"""The gateway: route -> backend (with fallback) -> cascade check -> book the cost.
+"""The gateway: one request's whole policy, from the tenant's scope to the ledger.
 
-`Gateway.generate(request)` is what the server calls for every request the response cache did not
-answer. `model: "auto"` asks the router for a tier; naming a tier (or a local tier's model) pins it.
+    gateway = Gateway(tiers, router, cache=ResponseCache(...))
+    async for out in gateway.generate(GatewayRequest("r1", "auto", messages=[...])):
+        print(out.delta_text, end="")            # out.tier, out.route, out.cache, out.cost (last output)
 
-- Fallback (thrifty.gateway.fallback): a tier that fails or times out before its first output falls to
-  the next tier. Once the first output has gone on, the answer is committed to that tier: fallback is
-  only possible before the first byte went to the client.
-- Cascade (router strategy `cascade`, `auto` requests only): each tier but the last answers in full and
-  in a buffer, with its sampled tokens' logprobs (asked for internally, shown only to clients that asked
-  for logprobs themselves); the router checks the answer and may send the request one tier up. A
-  streamed cascade request therefore waits for the cheap tier's whole answer before its first byte.
-- Ledger: just before the final output is handed on, the request's charges are booked (every tier it
-  ran on; a cascade that escalated pays for both answers), and the request's route, tier and cost are
-  written onto it for the response headers (x-thrifty-route, x-thrifty-cost).
-
-Policy (the router), execution (the backends) and bookkeeping (the ledger) stay in their own modules;
-this one only wires them together.
+`generate(request)` = `prepare(request)` (the target tier's backend tokenizes and checks it: a bad request
+fails here, before anything runs) + `start(prepared)` (tenant scope -> exact cache -> semantic cache ->
+coalescer -> router -> backend with fallback -> store -> ledger) + the outputs. A server calls the two
+halves itself to admit the request in between, and reads the `Reply`'s cache outcome and route before
+the first output. Model names: `auto` asks the router for a tier; a tier's name (or a local tier's model)
+pins it.
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import logging
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+import time
+from typing import Any, AsyncIterator
 
-from thrifty.config import RouterSettings
-from thrifty.engine.engine import RequestOutput, Usage
-from thrifty.gateway.backends import Backend, BackendError, BackendRequest, TierTimeoutError
-from thrifty.gateway.costs import Price, request_cost
-from thrifty.gateway.fallback import Fallback
-from thrifty.gateway.ledger import Charge, Ledger
-from thrifty.gateway.router import Answer, Route, RouteRequest, Router, next_tier
+from thrifty.config import CacheSettings, RouterSettings
+from thrifty.errors import ModelNotServedError
+from thrifty.gateway.cache import ResponseCache
+from thrifty.gateway.cache.keys import CacheRequest
+from thrifty.gateway.cache_policy import CachePolicy, model_identity, prompt_tokens, replay
+from thrifty.gateway.coalesce import Coalescer
+from thrifty.gateway.dispatch import Booking, Dispatcher, Tier
+from thrifty.gateway.ledger import Ledger
+from thrifty.gateway.request import BackendRequest, GatewayOutput, GatewayRequest, Reply, tag
+from thrifty.gateway.router import Router
 
-log = logging.getLogger("thrifty.gateway")
 AUTO = "auto"
-
-
-class GatewayRequest(BackendRequest, Protocol):
-    """A backend request plus what the gateway reads (target, requested) and writes (the rest)."""
-    target: str | None                       # the pinned tier; None: the router chooses (`auto`)
-    requested: str                           # the model name the client sent
-    model: str                               # the model name the response shows (the tier that answered)
-    tier: str | None
-    route: str | None                        # "tier; reason", for x-thrifty-route
-    cost: float | None                       # USD, for x-thrifty-cost
-
-
-@dataclass(slots=True)
-class Tier:
-    name: str
-    backend: Backend
-    price: Price
-    aliases: tuple[str, ...] = ()            # other names that pin this tier (a local tier's model)
-    timeout_s: float = 120.0
-
-    @property
-    def remote(self) -> bool:
-        return self.backend.remote
-
-
-@dataclass(slots=True)
-class RoutedOutput(RequestOutput):
-    """The final output of a request, tagged with the tier that produced it (for coalesced followers
-    and cache entries, which book and replay it later)."""
-    tier: str = ""
+__all__ = ["AUTO", "Gateway", "Tier"]
 
 
 class Gateway:
     def __init__(self, tiers: list[Tier], router: Router, settings: RouterSettings | None = None,
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, cache: ResponseCache | None = None,
+                 cache_settings: CacheSettings | None = None) -> None:
         if not tiers:
             raise ValueError("a gateway needs at least one tier")
-        self.tiers = {t.name: t for t in tiers}
-        self.names = [t.name for t in tiers]                       # cheapest first
-        self.router = router
-        self.settings = settings or RouterSettings()
-        self.ledger = ledger if ledger is not None else Ledger(None)
-        # the baseline: the most expensive tier by output price (the later one on a tie, normally the last)
-        self.baseline = max(reversed(tiers), key=lambda t: t.price.output)
-        self.fallback = Fallback(self.settings, {t.name: t.timeout_s for t in tiers})
+        self._wire(Dispatcher(tiers, router, settings or RouterSettings(), ledger or Ledger(None)), cache,
+                   cache_settings)
+
+    def _wire(self, dispatch: Dispatcher, cache: ResponseCache | None, cache_settings: CacheSettings | None) -> None:
+        self.dispatch = dispatch
+        self.tiers, self.names, self.router = dispatch.tiers, dispatch.names, dispatch.router
+        self.cache = cache
+        self.caching = CachePolicy(cache, cache_settings or CacheSettings())
+        self.coalescer = Coalescer()
         self._names: dict[str, str | None] = {AUTO: None}
-        for t in tiers:
+        for t in self.tiers.values():
             self._names[t.name] = t.name
-        for t in tiers:
+        for t in self.tiers.values():
             for alias in t.aliases:
                 self._names.setdefault(alias, t.name)  # a tier's own name wins over another's alias
+        self._model_ids: dict[str | None, str] = {}
+
+    def with_cache(self, cache: ResponseCache | None, settings: CacheSettings | None = None) -> Gateway:
+        """A gateway over these same tiers, router and ledger, behind `cache`."""
+        gateway = object.__new__(Gateway)
+        gateway._wire(self.dispatch, cache, settings)
+        return gateway
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.dispatch.ledger
+
+    @property
+    def fallback(self):
+        return self.dispatch.fallback
+
+    @property
+    def baseline(self) -> Tier:
+        return self.dispatch.baseline
 
     # ---- names -------------------------------------------------------------------------------------
     def resolve(self, model: str) -> tuple[bool, str | None]:
@@ -94,6 +79,13 @@ class Gateway:
             return False, None
         return True, self._names[model]
 
+    def target(self, model: str) -> str | None:
+        """The tier `model` pins (None: `auto`), or ModelNotServedError."""
+        served, target = self.resolve(model)
+        if not served:
+            raise ModelNotServedError(model, "', '".join(self.listed_names()))
+        return target
+
     def accepted_names(self) -> set[str]:
         return set(self._names)
 
@@ -101,169 +93,115 @@ class Gateway:
         """What GET /v1/models lists: the tiers, and `auto` when there is a choice to make."""
         return self.names + [AUTO] if len(self.names) > 1 else list(self.names)
 
-    def local_engine(self, target: str | None) -> Any:
-        """The AsyncEngine that prepares requests for `target` (auto: the cheapest local tier), or None."""
-        tiers = [self.tiers[target]] if target is not None else list(self.tiers.values())
-        return next((t.backend.engine for t in tiers if not t.remote), None)
+    def engine_snapshots(self) -> list[Any]:
+        """Each local tier's EngineSnapshot (thread-safe: taken by the engine after each step)."""
+        return [t.backend.stats_snapshot() for t in self.tiers.values() if not t.remote]
 
-    def local_engines(self) -> list[Any]:
-        return [t.backend.engine for t in self.tiers.values() if not t.remote]
+    def tokenizer(self, tier: str) -> Any:
+        """The vocabulary `tier`'s token ids belong to (None: a remote or unknown tier)."""
+        t = self.tiers.get(tier)
+        return t.backend.tokenizer if t is not None and not t.remote else None
+
+    def max_model_len(self, model: str) -> int | None:
+        """The context of the local tier `model` pins (None: `auto` or a remote tier)."""
+        target = self.resolve(model)[1]
+        tier = self.tiers.get(target) if target is not None else None
+        return tier.backend.max_model_len if tier is not None and not tier.remote else None
 
     def static_route(self, target: str | None) -> str | None:
-        """The route when it is certain before anything runs (one tier, or a pinned tier without fallback)."""
+        """The route when it is certain before anything runs (one tier)."""
         if len(self.names) == 1:
             return f"{self.names[0]}; {'pinned' if target else 'only tier'}"
         return None
 
-    # ---- generation --------------------------------------------------------------------------------
-    async def generate(self, p: GatewayRequest) -> AsyncIterator[RequestOutput]:
-        rr = route_request(p)
-        route = await self._choose(p, rr)
-        tier, reason = route.tier, route.reason
-        spent: list[Charge] = []
-        cascade = p.target is None and self.router.strategy == "cascade"
-        while cascade and next_tier(self.names, tier) is not None:
-            used, outputs, _ = await self.fallback.run(self.names, tier, lambda t: self._buffer(t, p))
-            reason += _fallback_note(tier, used)
-            final = outputs[-1]
-            if next_tier(self.names, used) is None:
-                break
-            up, why = await asyncio.to_thread(self.router.escalate, rr, _answer(final), used)
-            reason = why  # the router's own words, e.g. "cascade: examples failed"
-            if not up:
-                break
-            spent.append(self._charge(p, used, final.usage, f"{used}; {reason}", final=False))
-            tier = next_tier(self.names, used)
-        else:
-            used, (first, gen), _ = await self.fallback.run(self.names, tier, lambda t: self._prime(t, p))
-            reason += _fallback_note(tier, used)
-            self._commit(p, used, reason)
-            async for out in self._follow(p, used, first, gen, spent):
-                yield out
-            return
-        self._commit(p, used, reason)
-        for out in outputs[:-1]:
-            yield out
-        self._book(p, used, final.usage, spent)
-        yield _tag(final, used)
+    def model_id(self, target: str | None) -> str:
+        """The cache's model identity of a pinned tier (its name and aliases), or of `auto` (every tier
+        and the routing strategy: another router may answer differently)."""
+        if target not in self._model_ids:
+            if target is None:
+                parts = [AUTO, self.router.strategy] + [self.model_id(t) for t in self.names]
+                self._model_ids[None] = "||".join(parts)
+            else:
+                self._model_ids[target] = model_identity(target, {target, *self.tiers[target].aliases})
+        return self._model_ids[target]
 
-    async def _choose(self, p: GatewayRequest, rr: RouteRequest) -> Route:
-        if p.target is not None:
-            return Route(p.target, "pinned")
-        if self.router.strategy == "fixed":  # no model to run: not worth a thread hop
-            return self.router.choose(rr)
-        return await asyncio.to_thread(self.router.choose, rr)
+    # ---- the request's way -------------------------------------------------------------------------
+    def prepare(self, request: GatewayRequest) -> BackendRequest:
+        """`request` checked and tokenized by the backend of the tier it pins (`auto`: the cheapest local
+        tier, else the cheapest); InvalidRequestError or ModelNotServedError when it is bad."""
+        target = self.target(request.model)
+        tiers = [self.tiers[target]] if target is not None else list(self.tiers.values())
+        tier = next((t for t in tiers if not t.remote), tiers[0])
+        return tier.backend.prepare(request)
 
-    async def _prime(self, tier: str, p: GatewayRequest) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-        """Start `tier` and wait for its first output (what fallback may still undo)."""
-        gen = self.tiers[tier].backend.generate(p)
-        try:
-            first = await anext(gen)
-        except StopAsyncIteration:
-            raise BackendError(tier, "the answer ended before it began") from None
-        except BaseException:
-            await gen.aclose()
-            raise
-        return first, gen
-
-    async def _buffer(self, tier: str, p: GatewayRequest) -> list[RequestOutput]:
-        """`tier`'s whole answer, with the sampled tokens' logprobs, for the cascade to check."""
-        outputs = []
-        gen = self.tiers[tier].backend.generate(p, logprobs=True)
+    async def generate(self, request: GatewayRequest) -> AsyncIterator[GatewayOutput]:
+        reply = await self.start(self.prepare(request))
+        gen = reply.outputs
         try:
             async for out in gen:
-                outputs.append(out)
-        finally:
-            await gen.aclose()
-        if not outputs or not outputs[-1].finished:
-            raise BackendError(tier, "the answer ended before it finished")
-        return outputs
-
-    async def _follow(self, p: GatewayRequest, tier: str, first: RequestOutput,
-                      gen: AsyncIterator[RequestOutput], spent: list[Charge]) -> AsyncIterator[RequestOutput]:
-        """The committed stream: a tier silent for longer than its timeout ends it with an error."""
-        timeout = self.tiers[tier].timeout_s
-        out, last, booked = first, None, False
-        try:
-            while True:
-                last = out
-                if out.finished:
-                    self._book(p, tier, out.usage, spent)
-                    booked = True
-                    yield _tag(out, tier)
-                    return
                 yield out
-                try:
-                    async with asyncio.timeout(timeout):
-                        out = await anext(gen)
-                except StopAsyncIteration:
-                    raise BackendError(tier, "the answer ended before it finished") from None
-                except TimeoutError:
-                    raise TierTimeoutError(tier, f"no output for {timeout:g} s in the middle of an answer") from None
         finally:
             await gen.aclose()
-            if not booked and last is not None:  # the client left, or the tier broke: what ran is still paid
-                self._book(p, tier, last.usage, spent, note="; unfinished")
 
-    # ---- bookkeeping -------------------------------------------------------------------------------
-    def _commit(self, p: GatewayRequest, tier: str, reason: str) -> None:
-        p.tier, p.route, p.model = tier, f"{tier}; {reason}", tier
+    async def start(self, p: BackendRequest) -> Reply:
+        """The cache answers, or the request joins an identical one in flight, or it goes to a tier."""
+        target = self.target(p.request.model)
+        if self.cache is None:
+            return Reply(self.dispatch.generate(p, target), route=self.static_route(target))
+        plan = self.caching.plan(p, self.model_id(target))
+        if plan is None:
+            return Reply(self.dispatch.generate(p, target, "bypass"), "bypass", route=self.static_route(target))
+        lookup_s = None
+        if plan.read:
+            start = time.perf_counter()
+            hit = await self.cache.lookup(plan)
+            lookup_s = time.perf_counter() - start
+            if hit is not None:
+                r = hit.entry.response
+                b = self.book_cached(p, r.get("tier"), hit.kind, prompt_tokens(p, r),
+                                     int(r.get("completion_tokens", 0)))
+                return Reply(replay(p, hit, b.tier, b.route), hit.kind, hit.similarity, lookup_s, b.route, 0.0,
+                             b.tier)
+        if self.caching.settings.coalesce and plan.read:
+            return self._coalesce(p, target, plan, lookup_s)
+        outputs = self.caching.store_after(self.dispatch.generate(p, target, "miss"), plan)
+        return Reply(outputs, "miss", None, lookup_s, self.static_route(target))
 
-    def _charge(self, p: GatewayRequest, tier: str, usage: Usage, route: str, final: bool = True) -> Charge:
-        cost = request_cost(self.tiers[tier].price, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-        baseline = (request_cost(self.baseline.price, usage.prompt_tokens, usage.cached_tokens,
-                                 usage.completion_tokens) if final else 0.0)
-        return Charge(p.request_id, tier, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
-                      cost, baseline, 0.0, final, p.requested, route)
+    def _coalesce(self, p: BackendRequest, target: str | None, plan: CacheRequest, lookup_s: float | None) -> Reply:
+        # stored as the last output passes (not when the flight lands): the leader's client may leave as soon
+        # as it has the last output, and that cancels a flight whose tier is still closing its connection
+        outputs, leader = self.coalescer.join(
+            plan.key, lambda: self.caching.store_after(self.dispatch.generate(p, target, "miss"), plan))
+        if leader:
+            return Reply(outputs, "miss", None, lookup_s, self.static_route(target))
+        return Reply(self._follow(p, outputs), "coalesced", None, lookup_s, self.static_route(target))
 
-    def _book(self, p: GatewayRequest, tier: str, usage: Usage, spent: list[Charge], note: str = "") -> None:
-        charges = [*spent, self._charge(p, tier, usage, (p.route or tier) + note)]
-        p.cost = sum(c.cost_usd for c in charges)
-        self._record(charges)
-
-    def book_cached(self, p: GatewayRequest, tier: str | None, kind: str, prompt_tokens: int,
-                    completion_tokens: int) -> None:
-        """An answer from the response cache or a coalesced request: it costs nothing and saves what it
-        would have cost (all of its prompt computed) on the tier that first produced it."""
-        if tier not in self.tiers:  # an entry from before tiers were recorded, or a renamed tier
-            tier = p.target or self.names[0]
-        would = request_cost(self.tiers[tier].price, prompt_tokens, 0, completion_tokens)
-        baseline = request_cost(self.baseline.price, prompt_tokens, 0, completion_tokens)
-        p.tier, p.route, p.cost, p.model = tier, f"{tier}; cache {kind}", 0.0, tier
-        self._record([Charge(p.request_id, tier, prompt_tokens, prompt_tokens, completion_tokens, 0.0, baseline,
-                             would, True, p.requested, p.route, kind)])
-
-    def _record(self, charges: list[Charge]) -> None:
+    async def _follow(self, p: BackendRequest, outputs: AsyncIterator[GatewayOutput]) -> AsyncIterator[GatewayOutput]:
+        """A coalesced request computed nothing itself: its usage says all of its prompt was cached, and
+        the ledger books it as free (saving what the leader's tier charged)."""
         try:
-            self.ledger.book(charges)
-        except Exception as e:  # noqa: BLE001 -- a ledger that cannot write must not fail the answer
-            log.error("the cost ledger could not record request %s: %s", charges[-1].request_id, e)
+            async for out in outputs:
+                u = out.usage
+                usage = type(u)(u.prompt_tokens, u.prompt_tokens, u.completion_tokens, None, None)
+                tags: dict[str, Any] = dict(usage=usage, request_id=p.request_id, cache="coalesced")
+                if out.finished:
+                    b = self.book_cached(p, out.tier, "coalesced", u.prompt_tokens, u.completion_tokens)
+                    tags.update(tier=b.tier, route=b.route, cost=b.cost)
+                yield tag(out, **tags)
+        finally:
+            await outputs.aclose()
+
+    def book_cached(self, p: BackendRequest, tier: str | None, kind: str, prompt_tokens: int,
+                    completion_tokens: int) -> Booking:
+        """A cache hit or a coalesced answer: costs 0, saves its tier's price (see Dispatcher.book_cached)."""
+        fallback_tier = self.target(p.request.model) or self.names[0]
+        return self.dispatch.book_cached(p.request_id, p.request.model, tier, fallback_tier, kind, prompt_tokens,
+                                         completion_tokens)
 
     async def close(self) -> None:
         for t in self.tiers.values():
             await t.backend.close()
         self.ledger.close()
-
-
-def route_request(p: GatewayRequest) -> RouteRequest:
-    """What the router sees: the last user message (chat) or the prompt."""
-    if p.chat:
-        msgs = p.messages or []
-        text = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), "")
-        return RouteRequest(text or "", msgs)
-    if isinstance(p.prompt, str):
-        return RouteRequest(p.prompt)
-    tok = p.tokenizer
-    return RouteRequest(tok.decode(list(p.prompt or [])) if tok is not None else "")
-
-
-def _answer(out: RequestOutput) -> Answer:
-    return Answer(out.text, [lp.logprob for lp in out.logprobs], out.finish_reason)
-
-
-def _fallback_note(wanted: str, used: str) -> str:
-    return f"; fallback from {wanted}" if used != wanted else ""
-
-
-def _tag(out: RequestOutput, tier: str) -> RoutedOutput:
-    return RoutedOutput(*(getattr(out, f.name) for f in dataclasses.fields(RequestOutput)), tier=tier)
+        if self.cache is not None:
+            await self.cache.drain()
+            self.cache.close()

@@ -15,6 +15,7 @@ baseline - cost - saved by caching (negative when escalations cost more than rou
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.errors import ThriftyError
+
+log = logging.getLogger("thrifty.gateway")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (
@@ -96,7 +99,7 @@ class Report:
                 "total": self.total.as_dict(), "table": self.table()}
 
     def table(self) -> str:
-        from thrifty.bench.report import markdown_table
+        from thrifty.reporting import markdown_table
 
         headers = ("tier", "requests", "attempts", "prompt tokens", "cached", "completion tokens", "cost $",
                    "baseline $", "saved by routing $", "saved by caching $")
@@ -107,9 +110,9 @@ class Report:
 
     def plot(self, path: str | Path) -> Path:
         """Cumulative cost against the baseline over the requests, and cost vs baseline by tier (PNG)."""
-        from thrifty.bench.report import _pyplot, _save
+        from thrifty.reporting import pyplot, save_figure
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
         cost = baseline = 0.0
         xs, costs, baselines = [], [], []
@@ -135,7 +138,7 @@ class Report:
         for ax in (ax1, ax2):
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        return _save(fig, plt, path)
+        return save_figure(fig, plt, path)
 
 
 class LedgerError(ThriftyError):
@@ -144,8 +147,9 @@ class LedgerError(ThriftyError):
 
 class Ledger:
     """The ledger in SQLite (path None: in memory, for tests and embedded apps), plus running totals of
-    this process for the Prometheus counters. Writes are one small WAL transaction each (no fsync), cheap
-    enough to do on the event loop."""
+    this process for the Prometheus counters. `book` only queues the rows: a writer thread commits them
+    (one small WAL transaction per batch, no fsync), so booking costs the request's event loop
+    microseconds; every read (`charges`, `report`) and `close` writes what is queued first."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -160,7 +164,12 @@ class Ledger:
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"cannot open the cost ledger {self.path or ':memory:'}: {e}",
                               "check the path and its permissions") from None
-        self._lock = threading.Lock()
+        self._db_lock = threading.Lock()      # the connection; held across a batch's swap and write
+        self._queue_lock = threading.Lock()   # the queued rows only: book() never waits for a write
+        self._queued: list[tuple] = []
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._closed = False
         self.live: dict[str, Totals] = {}    # since this process started, by tier
 
     def book(self, charges: list[Charge]) -> None:
@@ -168,14 +177,38 @@ class Ledger:
             self.live.setdefault(c.tier, Totals(c.tier)).add(c)
         rows = [tuple(int(v) if isinstance(v, bool) else v for v in (getattr(c, k) for k in _COLUMNS))
                 for c in charges]
-        with self._lock:
-            self._db.executemany(f"INSERT INTO charges ({', '.join(_COLUMNS)}) VALUES "
-                                 f"({', '.join('?' * len(_COLUMNS))})", rows)
-            self._db.commit()
+        with self._queue_lock:
+            if self._closed:
+                raise LedgerError("the cost ledger is closed")
+            self._queued.extend(rows)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="thrifty-ledger", daemon=True)
+                self._writer.start()
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 -- a ledger that cannot write must not stop the server
+                log.error("the cost ledger could not write: %s", e)
+
+    def flush(self) -> None:
+        """Write the queued rows now."""
+        with self._db_lock:
+            with self._queue_lock:
+                rows, self._queued = self._queued, []
+            if rows:
+                self._db.executemany(f"INSERT INTO charges ({', '.join(_COLUMNS)}) VALUES "
+                                     f"({', '.join('?' * len(_COLUMNS))})", rows)
+                self._db.commit()
 
     def charges(self, since: float | None = None) -> list[Charge]:
+        self.flush()
         where, args = ("WHERE ts >= ?", (since,)) if since is not None else ("", ())
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM charges {where} ORDER BY ts, rowid",
                                     args).fetchall()
         out = []
@@ -189,7 +222,11 @@ class Ledger:
         return summarize(self.charges(since), since, order)
 
     def close(self) -> None:
-        with self._lock:
+        self.flush()
+        with self._queue_lock:
+            self._closed = True
+        self._wake.set()
+        with self._db_lock:
             self._db.close()
 
 

@@ -3,7 +3,7 @@
 `check_tiers(config)` refuses, with one clear ConfigError, a tier without a price, a remote tier priced
 `auto`, a remote tier whose api_key_env is not set, duplicate or reserved tier names, and a router that
 cannot route over these tiers. `build_gateway(config)` then loads the local engines, measures their
-throughput for `auto` prices (thrifty.gateway.throughput), opens the cost ledger and wires it together.
+throughput for `auto` prices (thrifty.engine.throughput), opens the cost ledger and wires it together.
 """
 from __future__ import annotations
 
@@ -103,9 +103,10 @@ def ledger_path(config: ThriftyConfig) -> Path:
     return Path(config.server.ledger_path) if config.server.ledger_path else paths.home() / "ledger" / "ledger.sqlite3"
 
 
-def build_gateway(config: ThriftyConfig, router=None):
-    """Load the tiers of `config` (checked first unless `router` is given) into a Gateway."""
-    from thrifty.gateway.backends import RemoteBackend
+def build_gateway(config: ThriftyConfig, router=None, cache=None):
+    """Load the tiers of `config` (checked first unless `router` is given) into a Gateway, behind `cache`
+    (a thrifty.gateway.cache.ResponseCache; None: no response cache, no coalescing)."""
+    from thrifty.gateway.remote import RemoteBackend
     from thrifty.gateway.gateway import Gateway, Tier
     from thrifty.gateway.ledger import Ledger
 
@@ -124,14 +125,14 @@ def build_gateway(config: ThriftyConfig, router=None):
         print(f"thrifty: tier {t.name} ({'remote ' + str(t.api_base) if t.remote else 'local'}): "
               f"{price.describe()} ({how})", file=sys.stderr, flush=True)
         tiers.append(Tier(t.name, backend, price, aliases, t.timeout_s))
-    return Gateway(tiers, router, settings, Ledger(ledger_path(config)))
+    return Gateway(tiers, router, settings, Ledger(ledger_path(config)), cache, config.cache)
 
 
 def _load_local(t: TierSettings, settings: RouterSettings):
     from thrifty.engine.async_engine import AsyncEngine
     from thrifty.engine.engine import LLMEngine
     from thrifty.gateway.backends import LocalBackend
-    from thrifty.gateway.throughput import measured_throughput
+    from thrifty.engine.throughput import measured_throughput
 
     print(f"thrifty: loading {t.model} for tier {t.name} ...", file=sys.stderr, flush=True)
     engine = LLMEngine.from_model(t.model, **t.engine)

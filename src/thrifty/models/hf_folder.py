@@ -40,7 +40,7 @@ def read_config(folder: Path) -> ModelConfig:
         num_kv_heads=raw.get("num_key_value_heads", heads),
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
         vocab_size=raw["vocab_size"],
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta(raw),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -48,6 +48,15 @@ def read_config(folder: Path) -> ModelConfig:
         sliding_window=None,
         name=raw.get("_name_or_path") or folder.name,
     )
+
+
+def rope_theta(raw: dict) -> float:
+    """RoPE's base: top-level in configs written before transformers 5, only under `rope_parameters` after
+    (`rope_scaling` held it in some 4.x releases)."""
+    for section in (raw, raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
+        if section.get("rope_theta") is not None:
+            return float(section["rope_theta"])
+    return 10000.0
 
 
 def weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,12 +25,12 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
-    weights: str = "auto"       # the weight format the linear layers run in (thrifty.quant.spec)
+    weights: str = "auto"       # the weight format the linear layers run in (thrifty.models.weight_spec)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' is bf16: half the bytes of float32 for weights, activations and KV; where a CPU has no bf16 math,
-    GEMMs upcast to float32 (thrifty.ops.precision). fp16 is unusable on CPU (FACTS.md)."""
+    GEMMs upcast to float32 (thrifty.ops.precision). fp16 is unusable on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -51,10 +51,10 @@ def read_checkpoint(path: Path, native: bool = False
     """Config, a lazy iterator of HF-named float32 weights, and the tokenizer of a local model path.
 
     A folder written by `thrifty quantize`, and a GGUF file read with `native=True`, yield their linear
-    weights as QTensors (thrifty.quant) instead.
+    weights as QTensors (thrifty.quant.qtensor) instead.
     """
     from thrifty.models.tokenizer import Tokenizer
-    from thrifty.quant import checkpoint
+    from thrifty.models import quantized_checkpoint as checkpoint
 
     if checkpoint.is_quantized_folder(path):
         return checkpoint.read(path)
@@ -63,7 +63,7 @@ def read_checkpoint(path: Path, native: bool = False
     gguf = GGUFFile(path)
     config = gguf.model_config()
     if native:
-        from thrifty.quant.gguf_native import hf_native_weights
+        from thrifty.models.gguf_native import hf_native_weights
 
         return config, hf_native_weights(gguf, config), Tokenizer.from_gguf(gguf)
     return config, hf_weights(gguf, config), Tokenizer.from_gguf(gguf)
@@ -72,7 +72,7 @@ def read_checkpoint(path: Path, native: bool = False
 def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
                 device: torch.device, spec: "WeightSpec | None" = None) -> Qwen2ForCausalLM:  # noqa: F821
     if spec is not None and spec.quantized:
-        from thrifty.quant.loading import build_quantized
+        from thrifty.models.quantized import build_quantized
 
         return build_quantized(Qwen2ForCausalLM, config, weights, dtype, device, spec)
     # Build on the meta device so no throw-away float32 copy of every weight is allocated.
@@ -86,9 +86,9 @@ def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]]
 def load(spec: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
          weights: str = "auto") -> LoadedModel:
     """`weights`: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a folder from `thrifty quantize`
-    (thrifty.quant.spec)."""
+    (thrifty.models.weight_spec)."""
     from thrifty.models import zoo
-    from thrifty.quant.spec import resolve_weights
+    from thrifty.models.weight_spec import resolve_weights
 
     path = zoo.resolve(str(spec))
     dev = resolve_device(device)
@@ -101,7 +101,7 @@ def load(spec: str | Path, dtype: str | torch.dtype = "auto", device: str | torc
 
 def read_config(path: Path) -> ModelConfig:
     """A local model's config alone (no weights read)."""
-    from thrifty.quant import checkpoint
+    from thrifty.models import quantized_checkpoint as checkpoint
 
     if checkpoint.is_quantized_folder(path):
         return checkpoint.read_config(path)

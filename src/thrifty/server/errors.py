@@ -16,7 +16,7 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from thrifty.errors import (InvalidRequestError, ModelFileError, ModelNotFoundError, ThriftyError,
+from thrifty.errors import (InvalidRequestError, ModelFileError, ModelNotFoundError, ModelNotServedError, ThriftyError,
                             UnsupportedModelError)
 from thrifty.gateway.backends import BackendError, TierTimeoutError
 
@@ -25,14 +25,6 @@ log = logging.getLogger("thrifty.server")
 
 class AuthenticationError(ThriftyError):
     """No bearer token, or the wrong one."""
-
-
-class ModelNotServedError(ThriftyError):
-    """A request for a model this server does not serve."""
-
-    def __init__(self, model: str, served: str) -> None:
-        super().__init__(f"the model '{model}' does not exist on this server", f"use '{served}' (see GET /v1/models)")
-        self.param = "model"
 
 
 class ServerBusyError(ThriftyError):

@@ -1,10 +1,11 @@
-"""Prometheus metrics of one server: counters and histograms it records, gauges read from the engine.
+"""Prometheus metrics of one server: counters and histograms it records from the gateway's outputs, gauges
+read at scrape time from the engines' stats snapshots, the response cache's stats and the cost ledger.
 
 Each app has its own registry (no module-level state), served as text at GET /metrics.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -12,7 +13,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from thrifty.engine.engine import RequestOutput
-    from thrifty.server.serving import EngineClient
+    from thrifty.gateway.gateway import Gateway
+    from thrifty.gateway.request import GatewayOutput, Reply
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -23,22 +25,21 @@ class _EngineCollector(Collector):
     """Gauges that are read from the engines at scrape time (running / waiting, KV blocks, prefix cache),
     summed over the local tiers."""
 
-    def __init__(self, client: EngineClient) -> None:
-        self.client = client
+    def __init__(self, gateway: Gateway, num_waiting: Callable[[], int]) -> None:
+        self.gateway, self.num_waiting = gateway, num_waiting
 
     def collect(self) -> Iterator:
-        engines = [e.engine for e in self.client.gateway.local_engines()]
-        bms = [e.block_manager for e in engines]
-        running = sum(len(e.scheduler.running) for e in engines)
+        snaps = self.gateway.engine_snapshots()
+        running = sum(e.num_running for e in snaps)
         yield GaugeMetricFamily("thrifty_num_requests_running", "Sequences in the running batch", running)
         yield GaugeMetricFamily("thrifty_num_requests_waiting", "Requests accepted but not yet running",
-                                self.client.num_waiting())
-        total, free = sum(bm.num_blocks for bm in bms), sum(bm.num_free_blocks for bm in bms)
+                                self.num_waiting())
+        total, free = sum(e.kv_blocks_total for e in snaps), sum(e.kv_blocks_free for e in snaps)
         yield GaugeMetricFamily("thrifty_kv_blocks_total", "KV cache blocks", total)
         yield GaugeMetricFamily("thrifty_kv_blocks_free", "KV cache blocks free (cached-but-unreferenced included)",
                                 free)
         yield GaugeMetricFamily("thrifty_kv_blocks_used", "KV cache blocks held by requests", total - free)
-        queries, hits = sum(bm.stats.queries for bm in bms), sum(bm.stats.hits for bm in bms)
+        queries, hits = sum(e.prefix_cache_queries for e in snaps), sum(e.prefix_cache_hits for e in snaps)
         yield GaugeMetricFamily("thrifty_prefix_cache_hit_rate", "Prefix-cache hit tokens / query tokens",
                                 hits / queries if queries else 0.0)
         yield CounterMetricFamily("thrifty_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
@@ -50,15 +51,15 @@ class _CostCollector(Collector):
     """The cost ledger's running totals of this process (thrifty.gateway.ledger), read at scrape time.
     Saved by routing can shrink (an escalated cascade pays twice), so it is a gauge, not a counter."""
 
-    def __init__(self, client: EngineClient) -> None:
-        self.client = client
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
 
     def collect(self) -> Iterator:
-        live = self.client.gateway.ledger.live
+        live = self.gateway.ledger.live
         cost = CounterMetricFamily("thrifty_cost_usd", "USD spent, by tier (escalated answers included)",
                                    labels=["tier"])
         requests = CounterMetricFamily("thrifty_tier_requests", "Requests answered, by tier", labels=["tier"])
-        for name in self.client.gateway.names:
+        for name in self.gateway.names:
             t = live.get(name)
             cost.add_metric([name], t.cost_usd if t else 0.0)
             requests.add_metric([name], t.requests if t else 0)
@@ -79,12 +80,11 @@ class _CostCollector(Collector):
 class _CacheCollector(Collector):
     """The cache store's health, read at scrape time: errors by operation, circuit breaker state."""
 
-    def __init__(self, client: EngineClient) -> None:
-        self.client = client
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
 
     def collect(self) -> Iterator:
-        glue = getattr(self.client, "cache", None)
-        cache = getattr(glue, "cache", None)
+        cache = self.gateway.cache
         if cache is None:
             return
         errors = CounterMetricFamily("thrifty_cache_store_errors", "Cache store calls that failed or timed out "
@@ -100,7 +100,7 @@ class _CacheCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, client: EngineClient) -> None:
+    def __init__(self, gateway: Gateway, num_waiting: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("thrifty_requests", "HTTP requests by endpoint and status code",
@@ -119,7 +119,7 @@ class ServerMetrics:
                               registry=r, buckets=_TPOT_BUCKETS)
         self.e2e = Histogram("thrifty_request_duration_seconds", "Generation request latency, end to end",
                              registry=r, buckets=_LATENCY_BUCKETS)
-        # response cache (thrifty.server.caching): requests by result, look-up time, tokens not computed
+        # response cache (thrifty.gateway.cache_policy): requests by result, look-up time, tokens not computed
         self.cache_requests = Counter("thrifty_cache_requests", "Generation requests by cache result "
                                       "(hit, semantic-hit, miss, coalesced, bypass)", ["result"], registry=r)
         self.cache_served_tokens = Counter("thrifty_cache_served_tokens", "Completion tokens answered from the "
@@ -129,9 +129,9 @@ class ServerMetrics:
                                                            0.25, 1.0))
         self.cache_similarity = Histogram("thrifty_cache_semantic_similarity", "Cosine of semantic hits",
                                           registry=r, buckets=(0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0))
-        r.register(_EngineCollector(client))
-        r.register(_CacheCollector(client))
-        r.register(_CostCollector(client))
+        r.register(_EngineCollector(gateway, num_waiting))
+        r.register(_CacheCollector(gateway))
+        r.register(_CostCollector(gateway))
 
     def observe_finished(self, out: RequestOutput, duration_s: float) -> None:
         u = out.usage
@@ -143,6 +143,20 @@ class ServerMetrics:
         if u.time_per_output_token_s is not None:
             self.tpot.observe(u.time_per_output_token_s)
         self.e2e.observe(duration_s)
+
+    def observe_reply(self, reply: Reply) -> None:
+        """The cache's part, known before the first output."""
+        if reply.cache is None:
+            return
+        self.cache_requests.labels(reply.cache).inc()
+        if reply.lookup_s is not None:
+            self.cache_lookup.observe(reply.lookup_s)
+        if reply.cache == "semantic-hit" and reply.similarity is not None:
+            self.cache_similarity.observe(reply.similarity)
+
+    def observe_served(self, out: GatewayOutput) -> None:
+        """A final output the cache or a coalesced flight answered: tokens not computed."""
+        self.cache_served_tokens.labels(out.cache).inc(out.usage.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

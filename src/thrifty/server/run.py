@@ -21,11 +21,11 @@ def build_server_app(config: ThriftyConfig, api_key: str | None = None):
         from thrifty.gateway.cache import build_cache
 
         cache = build_cache(config.cache)  # connects to nothing yet: a server starts with Redis down
-    gateway = build_gateway(config, router)
+    gateway = build_gateway(config, router, cache)
     if cache is not None:
         print(f"thrifty: response cache on ({config.cache.store}, semantic "
               f"{'on' if config.cache.semantic else 'off'})", file=sys.stderr, flush=True)
-    return create_gateway_app(gateway, config.server, api_key, cache=cache, cache_settings=config.cache)
+    return create_gateway_app(gateway, config.server, api_key)
 
 
 def serve(config: ThriftyConfig, api_key: str | None = None) -> None:
@@ -35,7 +35,7 @@ def serve(config: ThriftyConfig, api_key: str | None = None) -> None:
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_server_app(config, api_key)
     auth = "on" if api_key else "off"
-    names = ", ".join(f"'{n}'" for n in app.state.client.gateway.listed_names())
+    names = ", ".join(f"'{n}'" for n in app.state.gateway.listed_names())
     print(f"thrifty: serving {names} on http://{s.host}:{s.port}/v1 (API key {auth})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level,
                 timeout_graceful_shutdown=max(1, round(s.shutdown_timeout_s)))

@@ -51,7 +51,7 @@ def build_cache(settings: CacheSettings, embedder=None) -> ResponseCache | None:
     if not settings.enabled:
         return None
     if settings.semantic and embedder is None:
-        from thrifty.gateway.embedder import Embedder
+        from thrifty.models.embedder import Embedder
 
         embedder = Embedder.from_zoo(settings.embedder)
     store = make_store(settings.store, path=settings.path, url=settings.url(), max_entries=settings.max_entries,

@@ -87,7 +87,7 @@ def resolve_weights(path: Path, weights: str | Path | WeightSpec | None, dtype):
     when it is auto and may not contradict an explicit one.
     """
     from thrifty.errors import ModelFileError
-    from thrifty.quant import checkpoint
+    from thrifty.models import quantized_checkpoint as checkpoint
 
     spec = parse_weights(weights)
     path = Path(path)

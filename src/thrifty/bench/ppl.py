@@ -15,29 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from thrifty.ops.attention_metadata import AttentionMetadata
+from thrifty.models.quantized import formats, weight_bytes
 from thrifty.ops.forward_context import set_forward_context
-from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
-from thrifty.quant import data
-from thrifty.quant.loading import formats, weight_bytes
-
-BLOCK = 16
-
-
-def prefill_meta(config, lengths: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
-                 shared_layers: bool = False) -> AttentionMetadata:
-    """Metadata (and a fresh KV cache) for whole sequences run as one prefill each."""
-    blocks = [-(-n // BLOCK) for n in lengths]
-    layers = 1 if shared_layers else config.num_layers
-    spec = KVCacheSpec(layers, config.num_kv_heads, config.head_dim, BLOCK, sum(blocks), dtype)
-    cache = PagedKVCache(spec, device)
-    caches = cache.layers * config.num_layers if shared_layers else cache.layers
-    tables, start = [], 0
-    for b in blocks:
-        tables.append(list(range(start, start + b)))
-        start += b
-    return AttentionMetadata.build(tables, lengths, lengths, BLOCK, caches, device)
-
+from thrifty.quantizers import data
+from thrifty.quantizers.prefill import prefill_meta
 
 @torch.inference_mode()
 def sequence_logprobs(model, config, ids: list[int]) -> torch.Tensor:
@@ -103,7 +84,7 @@ def reference_spec(model: str, weights: str) -> str:
     """The checkpoint the bf16 reference loads: the model itself, or the source a quantized folder records."""
     from pathlib import Path
 
-    from thrifty.quant import checkpoint
+    from thrifty.models import quantized_checkpoint as checkpoint
 
     for candidate in (weights, model):
         if candidate and Path(str(candidate)).is_dir() and checkpoint.is_quantized_folder(Path(candidate)):

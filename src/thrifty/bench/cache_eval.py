@@ -154,7 +154,7 @@ def evaluate(pairs_path: str | Path, store: str = "embedded", half: str = "all",
     if not pairs:
         raise ThriftyError(f"no pairs in {pairs_path} (half {half})")
     if embedder is None:
-        from thrifty.gateway.embedder import Embedder
+        from thrifty.models.embedder import Embedder
 
         embedder = Embedder.from_zoo()
     run = uuid.uuid4().hex[:12]

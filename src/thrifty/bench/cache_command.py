@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cache_command == "eval":
-        from thrifty.gateway.cache.eval import evaluate, format_report
+        from thrifty.bench.cache_eval import evaluate, format_report
 
         report = evaluate(args.pairs, store=args.store, half=args.half, entries=args.entries,
                           redis_url=args.redis_url)

@@ -1,6 +1,6 @@
-"""`thrifty quantize`: float model -> RTN / AWQ / GPTQ -> a quantized folder (thrifty.quant.checkpoint).
+"""`thrifty quantize`: float model -> RTN / AWQ / GPTQ -> a quantized folder (thrifty.models.quantized_checkpoint).
 
-AWQ and GPTQ run layer by layer over calibration windows (thrifty.quant.data, never the evaluation text): the
+AWQ and GPTQ run layer by layer over calibration windows (thrifty.quantizers.data, never the evaluation text): the
 decoder layer's linear inputs are captured with hooks, the layer is quantized, and the layer's output computed
 with the quantized weights becomes the next layer's input, so later layers calibrate on what they will see.
 For GPTQ the same holds inside a layer, per projection (true-sequential): o_proj is rounded on the inputs the
@@ -19,26 +19,21 @@ from tqdm.auto import tqdm
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.layers import Linear, MergedLinear
-from thrifty.quant import awq, data
-from thrifty.quant.checkpoint import save
+from thrifty.quantizers import awq, data
+from thrifty.models.quantized_checkpoint import save
 from thrifty.ops.forward_context import set_forward_context
-from thrifty.quant.evaluate import prefill_meta
-from thrifty.quant.gptq import gptq_quantize, hessian
-from thrifty.quant.loading import quantizable_layers
+from thrifty.quantizers.prefill import prefill_meta
+from thrifty.quantizers.gptq import gptq_quantize, hessian
+from thrifty.models.quantized import quantizable_layers
+from thrifty.models.weight_names import unfused_names
 from thrifty.quant.qtensor import QTensor, check_format, quantize_rtn
 
 METHODS = ("rtn", "awq", "gptq")
 
 
-def _unfused_names() -> dict[tuple[str, str], str]:
-    from thrifty.models.qwen2 import _SHARDS
-
-    return {(fused, shard): orig for orig, (fused, shard) in _SHARDS.items()}
-
-
 def export_tensors(model: torch.nn.Module, qts: dict[str, QTensor]) -> dict[str, torch.Tensor | QTensor]:
     """Hugging Face-named tensors: quantized layers as QTensors (fused ones split back), the rest as they are."""
-    unfused = _unfused_names()
+    unfused = unfused_names()
     out: dict[str, torch.Tensor | QTensor] = {}
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():

@@ -97,7 +97,7 @@ def _texts_and_labels(labels_path: str):
 
 
 def _embedder():
-    from thrifty.gateway.embedder import DEFAULT_EMBEDDER, Embedder
+    from thrifty.models.embedder import DEFAULT_EMBEDDER, Embedder
 
     return DEFAULT_EMBEDDER, Embedder.from_zoo(DEFAULT_EMBEDDER)
 

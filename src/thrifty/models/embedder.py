@@ -12,7 +12,7 @@ Two precisions:
   core, ~4 ms in int8. Embeddings stay within cosine ~0.99 of fp32; the guard's thresholds were chosen
   on the int8 embeddings. Each text runs alone, so its vector never depends on which
   other texts share a batch (activation scales are per call).
-- "fp32": the reference; `tests/test_cache_eval.py` checks it against sentence-transformers.
+- "fp32": the reference; `tests/test_cache_eval.py` checks it against what sentence-transformers computes.
 Neither touches torch's process-wide thread count: switching it per call is itself costly and races with
 an engine using torch in another thread.
 

@@ -82,10 +82,7 @@ def measured_throughput(engine: Any, options: dict[str, Any], home: Path | None 
     except (OSError, ValueError, TypeError):
         pass
     result = measure(engine)
-    # the probe is not traffic: its blocks and counters would only mislead the prefix-cache metrics
-    engine.block_manager.reset_prefix_cache()
-    engine.block_manager.stats = type(engine.block_manager.stats)()
-    engine.stats = type(engine.stats)()
+    engine.reset_stats()  # the probe is not traffic: its blocks and counters would mislead the metrics
     with paths.atomic_write(path, "w") as f:
         f.write(json.dumps(asdict(result), indent=2) + "\n")
     return result, False

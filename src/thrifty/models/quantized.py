@@ -14,10 +14,10 @@ from torch import nn
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.layers import Linear
-from thrifty.quant.gguf_native import harmonize
+from thrifty.models.gguf_native import harmonize
 from thrifty.quant.kernels import pack
 from thrifty.quant.qtensor import QTensor, quantize_fp8, quantize_int4, quantize_int8
-from thrifty.quant.spec import WeightSpec
+from thrifty.models.weight_spec import WeightSpec
 
 
 def quantizer_for(spec: WeightSpec) -> Callable[[torch.Tensor], QTensor]:
@@ -48,10 +48,10 @@ def prepare(model: nn.Module) -> dict[str, Linear]:
 def route(weights: Iterable[tuple[str, torch.Tensor | QTensor]], layers: dict[str, Linear],
           quantize: Callable[[torch.Tensor], QTensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Stage the weights of quantized layers (quantizing float ones); pass everything else on."""
-    from thrifty.models.qwen2 import _fused_name
+    from thrifty.models.weight_names import fused_name
 
     for name, tensor in weights:
-        target, shard = _fused_name(name)
+        target, shard = fused_name(name)
         layer = layers.get(target.removesuffix(".weight")) if target.endswith(".weight") else None
         if layer is None:
             if isinstance(tensor, QTensor):
