@@ -61,7 +61,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device: torch.device, repeats: int = 5) -> float:
+def _time(fn, device: torch.device, repeats: int = 5, pick=statistics.median) -> float:
+    """Seconds of one call of fn (after one warm call): the median of `repeats`, or another `pick` of them."""
     fn()
     _sync(device)
     times = []
@@ -70,14 +71,13 @@ def _median_time(fn, device: torch.device, repeats: int = 5) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return pick(times)
 
 
 def measure_bandwidth(device: torch.device, gib: float = 0.5) -> float:
     """Read bandwidth in bytes/s: one pass of `sum` over a buffer far larger than the caches."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    seconds = _median_time(x.sum, device)
-    return x.nbytes / seconds
+    return x.nbytes / _time(x.sum, device)
 
 
 def measure_gemm_rate(device: torch.device, n: int = 2048) -> float:
@@ -85,15 +85,7 @@ def measure_gemm_rate(device: torch.device, n: int = 2048) -> float:
     for large batches (not a hard one: int8 dot products can beat it on some CPUs)."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return n ** 3 / best
+    return n ** 3 / _time(lambda: a @ b, device, pick=min)
 
 
 def _model_counts(loaded) -> dict[str, int]:

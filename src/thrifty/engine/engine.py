@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thrifty.engine.runner import ModelRunner, StepInput
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
@@ -176,7 +176,7 @@ class LLMEngine:
     def reset_stats(self) -> None:
         """Forget the prefix cache and every counter: what ran so far (a probe, a warm-up) was not traffic."""
         self.block_manager.reset_prefix_cache()
-        self.block_manager.stats = type(self.block_manager.stats)()
+        self.block_manager.stats = PrefixCacheStats()
         self.stats = EngineStats()
 
     # ---- the step ----------------------------------------------------------------------------------

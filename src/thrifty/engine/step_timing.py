@@ -20,10 +20,6 @@ class StepTiming:
     sampling: float = 0.0      # logits -> tokens (and logprobs)
     postprocess: float = 0.0   # tokens appended, prefix blocks hashed, detokenized, stop checks, outputs
 
-    @property
-    def total(self) -> float:
-        return sum(getattr(self, p) for p in PHASES)
-
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 

@@ -8,7 +8,6 @@ Face names; `load_weights` maps them onto the fused qkv and gate|up projections.
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from thrifty.models.config import ModelConfig
 from thrifty.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SwiGLU, rotate_qk
+from thrifty.models.weight_names import fused_name
 from thrifty.ops.attention import paged_attention
 
 
@@ -96,7 +96,7 @@ class Qwen2ForCausalLM(nn.Module):
             params.pop("lm_head.weight")
         filled: set[str] = set()
         for name, tensor in weights:
-            target, shard = _fused_name(name)
+            target, shard = fused_name(name)
             if target not in params:
                 if "rotary_emb" in name:
                     continue
@@ -122,17 +122,3 @@ class Qwen2ForCausalLM(nn.Module):
                 missing.append(name)
         if missing:
             raise KeyError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
-
-
-_FUSED = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
-_SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-           "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
-
-
-def _fused_name(name: str) -> tuple[str, str | None]:
-    """'model.layers.0.self_attn.k_proj.bias' -> ('model.layers.0.self_attn.qkv_proj.bias', 'k')."""
-    m = _FUSED.match(name)
-    if not m:
-        return name, None
-    fused, shard = _SHARDS[m.group(2)]
-    return f"{m.group(1)}.{fused}.{m.group(3)}", shard
