@@ -1,10 +1,13 @@
-"""LiteLLM's SDK as a client of the gateway server (a local tiny-model tier and a second thrifty server as the
+"""LiteLLM's SDK and curl as clients of the gateway server (a local tiny-model tier and a second thrifty server as the
 remote tier), over real HTTP: the same answers, usage, streams, headers, cache hits and errors that the official
 openai SDK sees in test_gateway_server.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import subprocess
 
 import openai
 import pytest
@@ -89,3 +92,28 @@ def test_unsupported_field_is_a_clear_400(server):
     with pytest.raises(litellm.BadRequestError) as e:
         litellm.completion(**kw(server, "small", "Hi"), n=2)
     assert "n" in str(e.value) and "not supported" in str(e.value)
+
+
+def curl(*args: str) -> str:
+    done = subprocess.run(["curl", "-sS", "--fail-with-body", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_chat_and_stream_match_the_sdk(server, client):
+    """curl, as the README calls it: the same answer as the SDK, and a stream of `data:` lines ending in [DONE]."""
+    body = {"model": "small", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8,
+            "temperature": 0}
+    ref = client.chat.completions.create(**body)
+    out = json.loads(curl(server.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                          "-d", json.dumps(body)))
+    assert out["choices"][0]["message"]["content"] == ref.choices[0].message.content
+    streamed = curl("-N", server.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                    "-d", json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}))
+    events = [line.removeprefix("data: ") for line in streamed.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == \
+        ref.choices[0].message.content
+    assert chunks[-1]["usage"]["completion_tokens"] == ref.usage.completion_tokens
