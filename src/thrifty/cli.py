@@ -198,7 +198,9 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
     p.add_argument("--method", required=True, choices=["rtn", "awq", "gptq"])
     p.add_argument("--bits", type=int, required=True, help="4 or 8")
-    p.add_argument("--group-size", type=int, default=None, help="int4: 32, 64, 128 (default) or 256; none for 8 bits")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: 32, 64, 128 or 256 (default: the one `thrifty bench quant` chose, see the README); "
+                        "none for 8 bits")
     p.add_argument("--out", required=True, help="output folder (safetensors + config.json + tokenizer)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")

@@ -12,14 +12,17 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from thrifty.errors import InvalidRequestError
 
-DEFAULT_FORMATS = "bf16,fp32,int8,int4,awq,gptq,gguf,llamacpp"
-COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "KL vs bf16", "greedy = bf16 chat",
+DEFAULT_FORMATS = "bf16,fp32,int8,int4,awq,gptq,gguf,llamacpp,llamacpp-q4_0"
+DEFAULT_GROUP_SIZES = "32,64,128"
+METHODS = {"int4": "RTN", "awq": "AWQ", "gptq": "GPTQ"}   # the int4 rows run at every group size
+COLUMNS = ("format", "linear MiB", "embed MiB", "ppl code", "ppl prose", "ppl vs bf16", "KL vs bf16", "greedy = bf16 chat",
            "greedy = bf16 text", "decode tok/s", "prefill tok/s")
 
 
@@ -27,12 +30,16 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     q = bsub.add_parser("quant", help="weight formats: bytes, perplexity, KL vs bf16, decode and prefill speed")
     q.add_argument("--model", required=True, help="zoo name or .gguf file")
     q.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    q.add_argument("--plot", metavar="PNG", help="plot the int4 quality / speed frontier")
     q.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help=f"comma-separated: weights values (bf16, int8, int4-g128, fp8, gguf, a DIR), awq, gptq "
-                        f"(quantized on the fly unless --awq/--gptq name a folder), llamacpp (default {DEFAULT_FORMATS})")
-    q.add_argument("--group-size", type=int, default=128, help="int4 group of the RTN, AWQ and GPTQ rows")
-    q.add_argument("--awq", help="an AWQ folder from thrifty quantize (default: make one, 4-bit, --group-size)")
-    q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize (default: make one, 4-bit, --group-size)")
+                   help=f"comma-separated: weights values (bf16, int8, int4-g128, fp8, gguf, a DIR), int4 (RTN), awq, "
+                        f"gptq (one row per --group-sizes; AWQ/GPTQ quantized once and kept under THRIFTY_HOME/quant "
+                        f"unless --awq/--gptq name a folder), llamacpp (the GGUF as stored), llamacpp-q4_0 (the GGUF "
+                        f"requantized by llama.cpp) (default {DEFAULT_FORMATS})")
+    q.add_argument("--group-sizes", default=DEFAULT_GROUP_SIZES,
+                   help=f"int4 groups of the RTN, AWQ and GPTQ rows (default {DEFAULT_GROUP_SIZES})")
+    q.add_argument("--awq", help="an AWQ folder from thrifty quantize: one AWQ row, at the folder's own group")
+    q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize: one GPTQ row, at the folder's own group")
     q.add_argument("--max-eval-tokens", type=int, default=2048)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--greedy-prompts", type=int, default=20)
@@ -43,16 +50,70 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _folder(model: str, method: str, group: int, given: str | None, progress: bool) -> str:
-    if given:
-        return given
+@dataclass(slots=True, frozen=True)
+class Row:
+    """One row to measure: a `weights=` value, or an int4 method at a group size, or a llama.cpp file."""
+    name: str                  # as given in --formats
+    group: int | None = None   # int4 methods
+    folder: str | None = None  # a given AWQ / GPTQ folder
+
+    @property
+    def label(self) -> str:
+        if self.name in METHODS:
+            return f"int4-g{self.group} {METHODS[self.name]}"
+        return {"llamacpp": "llama.cpp", "llamacpp-q4_0": "llama.cpp Q4_0"}.get(self.name, self.name)
+
+
+def plan_rows(formats: str, group_sizes: str, folders: dict[str, str | None]) -> list[Row]:
+    """bf16 first (the reference), then each format; int4 methods once per group size (or at a given folder's)."""
+    from thrifty.models import quantized_checkpoint as checkpoint
+
+    names = [f.strip() for f in formats.split(",") if f.strip()]
+    groups = _groups(group_sizes)
+    rows = [Row("bf16")]
+    for name in names:
+        if name == "bf16":
+            continue
+        if folders.get(name):
+            group = checkpoint.quantization_config(Path(folders[name]))["group_size"]
+            rows.append(Row(name, group, folders[name]))
+        elif name in METHODS:
+            rows += [Row(name, g) for g in groups]
+        else:
+            rows.append(Row(name))
+    return rows
+
+
+def _groups(text: str) -> list[int]:
+    from thrifty.quant.qtensor import INT4_GROUP_SIZES
+
+    try:
+        groups = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        groups = []
+    if not groups or any(g not in INT4_GROUP_SIZES for g in groups):
+        raise InvalidRequestError(f"bad --group-sizes '{text}'",
+                                  f"give a comma-separated list of {', '.join(map(str, INT4_GROUP_SIZES))}",
+                                  param="group_sizes")
+    return groups
+
+
+def _weights(model: str, row: Row, progress: bool) -> str:
+    """The `weights=` value that loads `row`: AWQ and GPTQ folders are made once and kept under THRIFTY_HOME."""
+    if row.name == "int4":
+        return f"int4-g{row.group}"
+    if row.name not in METHODS:
+        return row.name
+    if row.folder:
+        return row.folder
     from thrifty.paths import home
     from thrifty.models import quantized_checkpoint as checkpoint
     from thrifty.quantizers.quantize import quantize_model
 
-    out = home() / "quant" / f"{Path(str(model)).stem}-{method}-4b-g{group}"
+    stem = Path(str(model)).name.removesuffix(".gguf")
+    out = home() / "quant" / f"{stem}-{row.name}-4b-g{row.group}"
     if not checkpoint.is_quantized_folder(out):
-        quantize_model(model, method, 4, out, group, progress=progress)
+        quantize_model(model, row.name, 4, out, row.group, progress=progress)
     return str(out)
 
 
@@ -115,10 +176,10 @@ def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int
     return decode, len(long_prompt) / (time.perf_counter() - start)
 
 
-def _row(name: str, scores: dict, greedy_match: dict[str, float], decode: float, prefill: float) -> dict:
-    return {"format": name, **scores, "greedy_match_vs_bf16": greedy_match["chat"],
-            "greedy_match_vs_bf16_text": greedy_match["text"], "decode_tok_s": decode,
-            "prefill_tok_s": prefill}
+def _row(row: Row, scores: dict, greedy_match: dict[str, float], decode: float, prefill: float) -> dict:
+    return {"format": row.label, "method": METHODS.get(row.name), "group_size": row.group, **scores,
+            "greedy_match_vs_bf16": greedy_match["chat"], "greedy_match_vs_bf16_text": greedy_match["text"],
+            "decode_tok_s": decode, "prefill_tok_s": prefill}
 
 
 def _open_llama(llama_cpp, low, params, path: Path, n_ctx: int, threads: int, logits_all: bool):
@@ -161,7 +222,7 @@ def _llamacpp_speed(llama_cpp, low, params, path: Path, n_ctx: int, args, prompt
     return decode, prefill
 
 
-def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_prompt) -> dict:
+def _llamacpp_row(row: Row, path: Path, evalset, prompts, greedy_ref, args, prompt, long_prompt) -> dict:
     import importlib
 
     import numpy as np
@@ -173,6 +234,8 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
 
     llama_cpp = importlib.import_module("llama_cpp")
     low = importlib.import_module("llama_cpp.llama_cpp")
+    if row.name == "llamacpp-q4_0":
+        path = requantize(low, path, "q4_0", args.threads)
     n_ctx = max(args.seq_len, len(long_prompt) + 8, len(prompt) + args.decode_tokens + 8)
     default_params = low.llama_model_default_params
     amx_off = _cpu_has("amx_tile")
@@ -215,13 +278,32 @@ def _llamacpp_row(path: Path, evalset, prompts, greedy_ref, args, prompt, long_p
     linear = sum(t.nbytes for n, t in gguf.tensors.items() if is_linear_weight(hf_name(n) or ""))
     embed = gguf.tensors["token_embd.weight"].nbytes
     n_all = sum(count.values())
-    scores = {"weights": "llama.cpp (GGUF as stored)", "ppl": float(np.exp(sum(nll.values()) / n_all)),
+    scores = {"weights": f"llama.cpp ({gguf.file_type_name})", "ppl": float(np.exp(sum(nll.values()) / n_all)),
               "ppl_code": float(np.exp(nll["code"] / count["code"])),
               "ppl_prose": float(np.exp(nll["prose"] / count["prose"])), "kl_vs_bf16": kl_sum / kl_n,
               "weight_bytes": sum(t.nbytes for t in gguf.tensors.values()), "linear_weight_bytes": linear,
               "embedding_bytes": embed, "version": getattr(llama_cpp, "__version__", "?"),
               "note": "extra buffer types (AMX repacking) off" if amx_off else ""}
-    return _row("llama.cpp", scores, _agreement(outs, greedy_ref), decode, prefill)
+    return _row(row, scores, _agreement(outs, greedy_ref), decode, prefill)
+
+
+def requantize(low, source: Path, kind: str, threads: int) -> Path:
+    """`source` requantized by llama.cpp's own quantizer (kept under THRIFTY_HOME/quant). The zoo's GGUFs are
+    Q4_K_M, so this quantizes already-quantized weights (llama-quantize --allow-requantize does the same)."""
+    from thrifty.paths import home
+
+    out = home() / "quant" / f"{source.name.removesuffix('.gguf')}-llamacpp-{kind}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = low.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": low.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    params.allow_requantize, params.nthread = True, threads
+    tmp = out.with_suffix(".partial")
+    if low.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+    tmp.replace(out)
+    return out
 
 
 def run_quant(args: argparse.Namespace) -> dict:
@@ -231,13 +313,10 @@ def run_quant(args: argparse.Namespace) -> dict:
     from thrifty.models.loader import load
     from thrifty.quantizers import data
     from thrifty.bench.ppl import EvalSet, score
+    from thrifty.bench.quant_frontier import choose_defaults
 
     torch.set_num_threads(args.threads)
-    names = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if "bf16" not in names:
-        names.insert(0, "bf16")
-    names.remove("bf16")
-    names.insert(0, "bf16")
+    plan = plan_rows(args.formats, args.group_sizes, {"awq": args.awq, "gptq": args.gptq})
     path = zoo.resolve(args.model)
     reference = load(path, weights="bf16")
     tok = reference.tokenizer
@@ -248,27 +327,22 @@ def run_quant(args: argparse.Namespace) -> dict:
     prompts = prompt_sets(tok, stream, args.prefill_tokens, args.greedy_prompts)
     rows: list[dict] = []
     greedy_ref = None
-    for name in tqdm(names, desc="bench quant", unit="format", disable=not args.progress):
-        if name == "llamacpp":
+    for row in tqdm(plan, desc="bench quant", unit="format", disable=not args.progress):
+        if row.name.startswith("llamacpp"):
             try:
-                rows.append(_llamacpp_row(path, evalset, prompts, greedy_ref, args, prompt, long_prompt))
+                rows.append(_llamacpp_row(row, path, evalset, prompts, greedy_ref, args, prompt, long_prompt))
             except ImportError:
-                rows.append({"format": "llama.cpp", "error": "llama-cpp-python is not installed "
-                                                             "(pip install llama-cpp-python==0.3.36)"})
+                rows.append({"format": row.label, "error": "llama-cpp-python is not installed "
+                                                           "(pip install llama-cpp-python==0.3.36)"})
             continue
-        g = args.group_size
-        weights = {"awq": lambda: _folder(args.model, "awq", g, args.awq, args.progress),
-                   "gptq": lambda: _folder(args.model, "gptq", g, args.gptq, args.progress),
-                   "int4": lambda: f"int4-g{g}"}.get(name, lambda: name)()
-        loaded = reference if name == "bf16" else load(path, weights=weights)
-        scores = score(loaded, evalset, keep_as_reference=name == "bf16", progress=args.progress, label=name)
+        loaded = reference if row.name == "bf16" else load(path, weights=_weights(args.model, row, args.progress))
+        scores = score(loaded, evalset, keep_as_reference=row.name == "bf16", progress=args.progress,
+                       label=row.label)
         outs = _greedy(loaded, prompts, args.greedy_tokens)
         if greedy_ref is None:
             greedy_ref = outs
-        match = _agreement(outs, greedy_ref)
         decode, prefill = _speed(loaded, prompt, long_prompt, args.decode_tokens)
-        label = {"awq": f"int4-g{g} AWQ", "gptq": f"int4-g{g} GPTQ", "int4": f"int4-g{g} RTN"}.get(name, name)
-        rows.append(_row(label, scores, match, decode, prefill))
+        rows.append(_row(row, scores, _agreement(outs, greedy_ref), decode, prefill))
         if args.json:  # partial results survive a crash of a later row
             from thrifty.bench.report import write_json
 
@@ -276,47 +350,53 @@ def run_quant(args: argparse.Namespace) -> dict:
         if loaded is not reference:
             del loaded
     return {"suite": "quant", "model": str(args.model), "path": str(path), "rows": rows,
-            "targets": _targets(rows, args.group_size), "threads": args.threads, "data": data.describe(),
+            "defaults": choose_defaults(rows), "targets": _targets(rows), "threads": args.threads,
+            "data": data.describe(),
             "settings": {k: getattr(args, k) for k in ("max_eval_tokens", "seq_len", "greedy_prompts", "greedy_tokens",
-                                                       "decode_tokens", "prefill_tokens", "group_size")},
+                                                       "decode_tokens", "prefill_tokens", "group_sizes")},
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _targets(rows: list[dict], group: int) -> dict:
+def _targets(rows: list[dict]) -> dict:
+    from thrifty.quant.qtensor import DEFAULT_INT4_GROUP
+
     by = {r["format"]: r for r in rows if "error" not in r}
     bf = by.get("bf16")
     out: dict = {}
     if not bf:
         return out
 
-    def rel(name: str) -> float | None:
-        return by[name]["ppl"] / bf["ppl"] - 1 if name in by else None
+    def rel(r: dict) -> float:
+        return r["ppl"] / bf["ppl"] - 1
 
     if "int8" in by:
-        out["int8_ppl_within_0.5pct"] = rel("int8") <= 0.005
+        out["int8_ppl_within_0.5pct"] = rel(by["int8"]) <= 0.005
         out["int8_greedy_identical_ge_90pct"] = by["int8"]["greedy_match_vs_bf16"] >= 0.9
         out["int8_greedy_identical_text"] = by["int8"]["greedy_match_vs_bf16_text"]
     if "fp32" in by:  # the noise floor: the same weights computed in float32 instead of bf16
         out["fp32_greedy_identical_text"] = by["fp32"]["greedy_match_vs_bf16_text"]
-    rtn = by.get(f"int4-g{group} RTN")
+    g = DEFAULT_INT4_GROUP
+    rtn = by.get(f"int4-g{g} RTN")
     for m in ("AWQ", "GPTQ"):
-        r = by.get(f"int4-g{group} {m}")
-        if r:
-            out[f"{m.lower()}_ppl_within_3pct"] = rel(f"int4-g{group} {m}") <= 0.03
+        r = by.get(f"int4-g{g} {m}")
+        if r:  # at the default group, what `thrifty quantize --method awq|gptq --bits 4` makes
+            out[f"{m.lower()}_default_ppl_vs_bf16"] = rel(r)
+            out[f"{m.lower()}_default_ppl_within_3pct"] = rel(r) <= 0.03
             if rtn:
-                out[f"{m.lower()}_better_than_rtn"] = r["ppl"] < rtn["ppl"]
-    int4 = [r for n, r in by.items() if n.startswith("int4")]
+                out[f"{m.lower()}_default_better_than_rtn"] = r["ppl"] < rtn["ppl"]
+    int4 = [r for r in by.values() if r.get("method")]
     if int4:
-        out["int4_linear_bytes_ratio_vs_bf16"] = int4[0]["linear_weight_bytes"] / bf["linear_weight_bytes"]
+        fastest = max(r["decode_tok_s"] for r in int4)
+        at_default = [r["decode_tok_s"] for r in int4 if r["group_size"] == g]
+        if at_default:
+            out["default_group_decode_vs_fastest"] = max(at_default) / fastest
+        out["int4_linear_bytes_ratio_vs_bf16"] = min(r["linear_weight_bytes"] for r in int4) / bf["linear_weight_bytes"]
         out["int4_linear_bytes_le_0.35x"] = out["int4_linear_bytes_ratio_vs_bf16"] <= 0.35
     peer = by.get("llama.cpp")
     if int4 and peer:
-        best = max(int4, key=lambda r: r["decode_tok_s"])
-        out["int4_decode_vs_llamacpp"] = best["decode_tok_s"] / peer["decode_tok_s"]
+        out["int4_decode_vs_llamacpp"] = max(r["decode_tok_s"] for r in int4) / peer["decode_tok_s"]
         out["int4_prefill_vs_llamacpp"] = max(r["prefill_tok_s"] for r in int4) / peer["prefill_tok_s"]
-        out["int4_decode_ge_1.2x_llamacpp"] = out["int4_decode_vs_llamacpp"] >= 1.2
-        out["int4_prefill_ge_1.5x_llamacpp"] = out["int4_prefill_vs_llamacpp"] >= 1.5
     return out
 
 
@@ -324,16 +404,22 @@ def format_report(report: dict) -> str:
     from thrifty.bench.report import markdown_table
 
     rows = []
+    bf16 = next((r for r in report["rows"] if r["format"] == "bf16" and "error" not in r), None)
     for r in report["rows"]:
         if "error" in r:
             rows.append([r["format"], r["error"]] + [None] * (len(COLUMNS) - 2))
             continue
+        loss = f"{r['ppl'] / bf16['ppl'] - 1:+.2%}" if bf16 else None
         rows.append([r["format"], r["linear_weight_bytes"] / 2**20, r["embedding_bytes"] / 2**20, r["ppl_code"],
-                     r["ppl_prose"], r["kl_vs_bf16"], r["greedy_match_vs_bf16"], r.get("greedy_match_vs_bf16_text"),
+                     r["ppl_prose"], loss, r["kl_vs_bf16"], r["greedy_match_vs_bf16"], r.get("greedy_match_vs_bf16_text"),
                      r["decode_tok_s"], r["prefill_tok_s"]])
     lines = [f"model {report['model']}, {report['threads']} threads, {report['hardware']['cores']} cores, "
              f"torch {report['hardware']['torch']}", "", markdown_table(COLUMNS, rows), ""]
     lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["targets"].items()]
+    if report.get("defaults"):
+        from thrifty.bench.quant_frontier import format_defaults
+
+        lines += ["", format_defaults(report["defaults"])]
     return "\n".join(lines)
 
 
@@ -346,3 +432,7 @@ def run(args: argparse.Namespace) -> None:
     print(format_report(report))
     if args.json:
         print(f"\nwrote {write_json(args.json, report)}")
+    if args.plot:
+        from thrifty.bench.report import plot_quant_frontier
+
+        print(f"wrote {plot_quant_frontier(report, args.plot)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from thrifty.reporting import fmt, markdown_table, pyplot as _pyplot, save_figure as _save
 
-__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_step", "plot_throughput", "write_json"]
+__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_quant_frontier", "plot_step", "plot_throughput", "write_json"]
 
 
 def write_json(path: str | Path, report: dict) -> Path:
@@ -89,8 +89,40 @@ def plot_step(report: dict, path: str | Path) -> Path:
     ax.set_title(f"{m['name']} weights={m['weights']}: decode step by phase")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
+
+
+def plot_quant_frontier(report: dict, path: str | Path) -> Path:
+    """Perplexity loss vs bf16 against batch-1 decode speed and against weight bytes: one line per int4 method
+    through its group sizes, llama.cpp's files as points."""
+    plt = _pyplot()
+    rows = [r for r in report["rows"] if "error" not in r]
+    bf16 = next(r for r in rows if r["format"] == "bf16")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    xs = (("decode_tok_s", "batch-1 decode tokens/s"), ("linear_weight_bytes", "linear-layer weights, MiB"))
+
+    def loss(r: dict) -> float:
+        return 100 * (r["ppl"] / bf16["ppl"] - 1)
+
+    def x_of(r: dict, key: str) -> float:
+        return r[key] / 2**20 if key.endswith("bytes") else r[key]
+
+    for ax, (key, xlabel) in zip(axes, xs):
+        for method in sorted({r["method"] for r in rows if r.get("method")}):
+            line = sorted((r for r in rows if r.get("method") == method), key=lambda r: r["group_size"])
+            ax.plot([x_of(r, key) for r in line], [loss(r) for r in line], marker="o", label=method)
+            for r in line:
+                ax.annotate(f"g{r['group_size']}", (x_of(r, key), loss(r)), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        for r in rows:
+            if r["format"].startswith("llama.cpp"):
+                ax.plot([x_of(r, key)], [loss(r)], marker="s", linestyle="none", label=r["weights"])
+        ax.axhline(3.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity over bf16 (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{report['model']}: int4 quality / speed frontier ({report['hardware']['cpu']}, "
+                 f"{report['threads']} threads)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)

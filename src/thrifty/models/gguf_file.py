@@ -91,6 +91,11 @@ def _corrupt(path: Path, detail: str) -> ModelFileError:
                           "download or assemble it again (for a zoo model: thrifty models pull NAME --force)")
 
 
+# llama.cpp's llama_ftype codes for the types a user meets most (general.file_type).
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 12: "Q3_K_M",
+               14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
 class GGUFFile:
     """An open GGUF file: `metadata`, `tensors` (the directory), and tensor data on demand."""
 
@@ -175,6 +180,12 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
+
+    @property
+    def file_type_name(self) -> str:
+        """llama.cpp's name for the file's type (`general.file_type`): what the file calls itself."""
+        code = self.metadata.get("general.file_type")
+        return _FILE_TYPES.get(code, f"file type {code}")
 
     def model_config(self) -> ModelConfig:
         arch = self.architecture

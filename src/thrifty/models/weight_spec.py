@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thrifty.errors import InvalidRequestError
-from thrifty.quant.qtensor import INT4_GROUP_SIZES
+from thrifty.quant.qtensor import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 
-DEFAULT_INT4_GROUP = 128
 NAMES = ("auto", "bf16", "fp32", "int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g256", "fp8", "gguf")
 
 

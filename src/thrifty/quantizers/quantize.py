@@ -26,7 +26,7 @@ from thrifty.quantizers.prefill import prefill_meta
 from thrifty.quantizers.gptq import gptq_quantize, hessian
 from thrifty.models.quantized import quantizable_layers
 from thrifty.models.weight_names import unfused_names
-from thrifty.quant.qtensor import QTensor, check_format, quantize_rtn
+from thrifty.quant.qtensor import DEFAULT_INT4_GROUP, QTensor, check_format, quantize_rtn
 
 METHODS = ("rtn", "awq", "gptq")
 
@@ -146,7 +146,7 @@ def quantize_model(model: str, method: str, bits: int, out: str | Path, group_si
     if method not in METHODS:
         raise InvalidRequestError(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}", param="method")
     if bits == 4 and group_size is None:
-        group_size = 128
+        group_size = DEFAULT_INT4_GROUP
     group = check_format(bits, group_size)
     if samples < 1 or seq_len < 2:
         raise InvalidRequestError("calibration needs at least one sample of two tokens", "", param="samples")
