@@ -77,6 +77,16 @@ CASES = [
     ("wrong API key", CHAT, good(), {"Authorization": "Bearer sk-wrong"}, 401, None, "invalid_api_key"),
     ("wrong auth scheme", CHAT, good(), {"Authorization": f"Basic {KEY}"}, 401, None, "invalid_api_key"),
     ("unknown route", "/v1/embeddings", good(), AUTH, 404, None, 404),
+    # valid JSON, but not text: a lone surrogate (a string cut inside an emoji) reaches no tokenizer
+    ("lone surrogate in a message", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud83d"}]}',
+     AUTH, 400, "messages.0.content", None),
+    ("lone surrogate in a text part", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": '
+     b'[{"type": "text", "text": "\\udc00x"}]}]}', AUTH, 400, "messages.0.content.0.text", None),
+    ("lone surrogate in a prompt", COMPLETIONS, b'{"model": "tiny", "prompt": "a\\ud800b"}', AUTH, 400, "prompt", None),
+    ("lone surrogate in stop", COMPLETIONS, b'{"model": "tiny", "prompt": "a", "stop": ["\\udfff"]}', AUTH, 400,
+     "stop.0", None),
+    ("user message with null content", CHAT, good(messages=[{"role": "user", "content": None}]), AUTH, 400,
+     "messages.0", None),
 ]
 
 
@@ -90,15 +100,22 @@ def post(server, path: str, body, headers: dict) -> httpx.Response:
 def background_stream(server):
     """A long stream that runs while the bad requests come in; it must finish untouched."""
     result: dict = {}
+    started = threading.Event()
 
     def run():
         body = {"model": MODEL, "prompt": "keep going", "max_tokens": 120, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", server.url + COMPLETIONS, json=body, headers=AUTH, timeout=120) as r:
-            result["lines"] = [line for line in r.iter_lines() if line]
+            lines = []
+            for line in r.iter_lines():
+                started.set()
+                lines += [line] if line else []
+            result["lines"] = lines
 
     t = threading.Thread(target=run)
     t.start()
+    # running, not waiting: with max_waiting_requests=1 a waiting stream would make the next request a 429
+    assert started.wait(60)
     yield result
     t.join(120)
 
@@ -142,9 +159,11 @@ def test_openai_sdk_errors(server):
         client.chat.completions.create(model=MODEL, messages=msgs(), temperature=-1)
     assert e.value.body["param"] == "temperature"
     assert client.models.list().data[0].id == MODEL
-    # health and metrics stay open without a key
+    # with a key set, only health stays open (load balancers probe it); metrics and the API docs need the key
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/metrics").status_code == 200
+    for path in ("/metrics", "/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(server.url + path).status_code == 401, path
+        assert httpx.get(server.url + path, headers=AUTH).status_code == 200, path
 
 
 def test_queue_full_is_429_with_retry_after(server):
@@ -173,7 +192,7 @@ def test_queue_full_is_429_with_retry_after(server):
     finally:
         gate.set()
         del engine.step
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
     assert 'thrifty_requests_total{endpoint="/v1/completions",status="429"} 1.0' in metrics
     assert 'thrifty_requests_rejected_total{reason="queue_full"} 1.0' in metrics
     assert post(server, CHAT, good(), AUTH).status_code == 200

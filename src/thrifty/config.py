@@ -11,6 +11,7 @@
       api_key_env: THRIFTY_API_KEY         # the API key is read from this variable; unset: no auth
       max_waiting_requests: 128
       max_output_tokens: 4096
+      default_max_tokens: 512
       max_body_bytes: 1048576
     cache:                                 # response caching (thrifty.gateway.cache); see CacheSettings
       enabled: true
@@ -59,13 +60,14 @@ class ServerSettings:
     max_waiting_requests: int = 128          # accepted but not yet running; beyond it: 429 + Retry-After
     max_prompt_tokens: int | None = None     # default: the model's context
     max_output_tokens: int = 4096            # largest max_tokens a request may ask for
+    default_max_tokens: int = 512            # a chat request without max_tokens (completions: OpenAI's 16)
     max_body_bytes: int = 1 << 20            # larger request bodies: 413
     shutdown_timeout_s: float = 30.0         # SIGTERM: finish running requests up to this long
     log_level: str = "info"
     ledger_path: str | None = None           # the cost ledger (SQLite); default $THRIFTY_HOME/ledger/ledger.sqlite3
 
     def __post_init__(self) -> None:
-        for name in ("max_waiting_requests", "max_output_tokens", "max_body_bytes"):
+        for name in ("max_waiting_requests", "max_output_tokens", "default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -8,7 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response
 from thrifty.server.metrics import ServerMetrics
 
-_PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+# With an API key set, only health is open (load balancers probe it); metrics and the API docs need the key.
+_PUBLIC_PATHS = ("/health",)
 
 
 class Guard:

@@ -51,10 +51,10 @@ def _params(req: s._SamplingFields, max_tokens: int, logprobs: int | None) -> Sa
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
 
 
-def _request(prefix: str, req: s._SamplingFields, asked: int | None, default: int | None, logprobs: int | None,
+def _request(prefix: str, req: s._SamplingFields, asked: int | None, default: int, logprobs: int | None,
              settings: ServerSettings, caller: Caller, **content: Any) -> GatewayRequest:
     limit = settings.max_output_tokens
-    params = _params(req, asked if asked is not None else min(default or limit, limit), logprobs)
+    params = _params(req, asked if asked is not None else min(default, limit), logprobs)
     opts = req.cache.model_dump(by_alias=True) if req.cache is not None else None
     forward = {k: v for k, v in req.model_dump(exclude_unset=True).items() if k not in _NOT_FORWARDED}
     return GatewayRequest(f"{prefix}-{uuid.uuid4().hex}", req.model, params=params, max_tokens_given=asked is not None,
@@ -63,6 +63,7 @@ def _request(prefix: str, req: s._SamplingFields, asked: int | None, default: in
 
 
 def completion_request(req: s.CompletionRequest, settings: ServerSettings, caller: Caller) -> GatewayRequest:
+    check_unicode(req.model_dump())
     if req.echo:
         raise unsupported("echo", "echo")
     if req.suffix:
@@ -81,6 +82,7 @@ def completion_request(req: s.CompletionRequest, settings: ServerSettings, calle
 
 
 def chat_request(req: s.ChatCompletionRequest, settings: ServerSettings, caller: Caller) -> GatewayRequest:
+    check_unicode(req.model_dump())
     if req.tools or req.functions:
         raise unsupported("tools" if req.tools else "functions", "tool / function calling")
     if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
@@ -92,12 +94,32 @@ def chat_request(req: s.ChatCompletionRequest, settings: ServerSettings, caller:
     messages = [_message(m) for m in req.messages]
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
-    return _request("chatcmpl", req, asked, None, top, settings, caller, chat=True, messages=messages)
+    return _request("chatcmpl", req, asked, settings.default_max_tokens, top, settings, caller, chat=True,
+                    messages=messages)
 
 
 def max_tokens_param(req: s.ChatCompletionRequest | s.CompletionRequest) -> str:
     """The field a max_tokens error names: the one the client used."""
     return "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """400 naming the field for a string that is not Unicode text: JSON allows a lone surrogate ("\\ud800"),
+    which clients send when they cut a string inside an emoji, and no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"{path or 'a string'} holds a lone surrogate (U+{ord(value[e.start]):04X} at "
+                                      f"character {e.start}), which is not text", "send valid UTF-8 text; a string cut "
+                                      "inside an emoji leaves half of a surrogate pair", param=path or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, path)
+            check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_unicode(item, f"{path}.{i}")  # the dotted form pydantic's errors use
 
 
 def _message(m: s.ChatMessage) -> dict[str, Any]:
