@@ -54,6 +54,9 @@ class FakeBackend:
             yield RequestOutput(request.request_id, None, [], text, [], piece, [], last, "stop" if last else None,
                                 None, [Logprob(1, -0.5, None)] * (i + 1), Usage(10, 4, i + 1, None, None))
 
+    async def warm_up(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

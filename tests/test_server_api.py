@@ -43,6 +43,16 @@ def llm(tiny_gguf) -> LLM:
     return LLM(str(tiny_gguf), **ENGINE)
 
 
+def test_health_is_ok_only_after_the_warm_up(tiny_gguf):
+    """The port opens after one token ran through the engine (kernels built, the first forward done)."""
+    engine = LLMEngine.from_model(str(tiny_gguf), **ENGINE)
+    assert engine.stats.steps == 0
+    with ServerThread(create_app(AsyncEngine(engine), MODEL)) as srv:
+        assert engine.stats.steps >= 1 and engine.stats.prompt_tokens_computed == 1
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+        assert engine.block_manager.num_free_blocks == ENGINE["num_kv_blocks"]  # the warm-up left nothing
+
+
 def metrics(server) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics").text
     out = {}

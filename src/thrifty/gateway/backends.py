@@ -64,6 +64,10 @@ class Backend(Protocol):
         """Stream the outputs; `logprobs`: also return the sampled tokens' logprobs (the cascade's check)."""
         ...
 
+    async def warm_up(self) -> None:
+        """Whatever makes the first request as fast as the next (a server calls it before it says ready)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -140,6 +144,17 @@ class LocalBackend:
         try:
             async for out in gen:
                 yield out
+        finally:
+            await gen.aclose()
+
+    async def warm_up(self) -> None:
+        """One token through the whole path: builds the native kernels on a first start and runs one forward,
+        so the first request does not pay for them (and a server says ready only after)."""
+        gen = self.engine.generate([0], SamplingParams(max_tokens=1, temperature=0.0),
+                                   request_id=f"warm-up-{self.name}")
+        try:
+            async for _ in gen:
+                pass
         finally:
             await gen.aclose()
 

@@ -198,6 +198,11 @@ class Gateway:
         return self.dispatch.book_cached(p.request_id, p.request.model, tier, fallback_tier, kind, prompt_tokens,
                                          completion_tokens)
 
+    async def warm_up(self) -> None:
+        """Each tier's warm-up (a local one runs one token through its engine, see LocalBackend.warm_up)."""
+        for t in self.tiers.values():
+            await t.backend.warm_up()
+
     async def close(self) -> None:
         for t in self.tiers.values():
             await t.backend.close()

@@ -119,6 +119,9 @@ class RemoteBackend:
         yield RequestOutput(request.request_id, None, ids, text, [], "", [], True, finish or "stop", None,
                             list(lps), _usage(usage, ids, n_chunks, len(lps)))
 
+    async def warm_up(self) -> None:
+        """Nothing: a remote server warms itself, and a down one must not keep this one from starting."""
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()

@@ -71,6 +71,8 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # before the port opens: /health never says ok while kernels are unbuilt or the first forward is ahead
+        await gateway.warm_up()
         yield
         admission.draining = True
         await gateway.close()

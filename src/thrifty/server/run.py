@@ -36,6 +36,8 @@ def serve(config: ThriftyConfig, api_key: str | None = None) -> None:
     app = build_server_app(config, api_key)
     auth = "on" if api_key else "off"
     names = ", ".join(f"'{n}'" for n in app.state.gateway.listed_names())
-    print(f"thrifty: serving {names} on http://{s.host}:{s.port}/v1 (API key {auth})", file=sys.stderr, flush=True)
+    print(f"thrifty: serving {names} on http://{s.host}:{s.port}/v1 (API key {auth}); the port opens after a "
+          "warm-up (one token through each local tier; the first start also builds the CPU kernels)",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level,
                 timeout_graceful_shutdown=max(1, round(s.shutdown_timeout_s)))
