@@ -31,12 +31,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     scheduler_policy: str = "continuous"
+    max_decode_slowdown: float | None = 2.0  # continuous: prefill beside decodes only this much slower (scheduler)
     max_model_len: int | None = None        # default: the model's context, capped by the KV cache
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
 
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.scheduler_policy)
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.scheduler_policy,
+                               max_decode_slowdown=self.max_decode_slowdown)
 
 
 @dataclass(slots=True)
@@ -182,6 +184,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.last_step_timing = timing = StepTiming()
+        started = time.perf_counter()
         watch = Stopwatch(timing)
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
@@ -190,6 +193,8 @@ class LLMEngine:
         batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
                  for rid, n in plan.num_tokens.items()]
         watch.lap("schedule")
+        prefilling = [item.seq.num_tokens - item.seq.num_computed_tokens > 1 for item in batch]
+        prefill_tokens = sum(item.num_tokens for item, p in zip(batch, prefilling) if p)
         sampled, samples = self.runner.execute(batch, watch)
         for item in batch:
             seq = item.seq
@@ -200,6 +205,9 @@ class LLMEngine:
         self._account(plan.total_tokens)
         outputs = self._postprocess(sampled, samples) if samples is not None else []
         watch.lap("postprocess")
+        if self.scheduler.prefill_budget is not None:
+            decodes = len(batch) - sum(prefilling)
+            self.scheduler.prefill_budget.observe(time.perf_counter() - started, prefill_tokens, decodes)
         return outputs
 
     def _account(self, tokens: int) -> None:

@@ -2,8 +2,10 @@
 
 The output is a plain map {request_id: num_tokens}: a prefill chunk, a decode step (1) and later
 speculative tokens are all the same kind of thing. Three policies:
-- continuous: requests join and leave every step; running requests first (decodes are never starved by
-  prefills), then waiting ones fill the token budget; long prompts are prefilled in chunks.
+- continuous: requests join and leave every step. Decodes go first (never starved by prefills); then prompts,
+  new ones before the rest of long ones already started, shortest remaining first, in chunks. While anyone
+  decodes or waits, a step prefills only as many prompt tokens as keep the decodes' time per token within
+  `max_decode_slowdown` of its value without prefills (engine/prefill_budget.py: learned from step timings).
 - static: wait for a full batch (max_num_seqs) or a timeout, run that batch to the end, then the next.
 - bucketed: static batches of prompts of similar length (cuts padding in padded engines).
 When blocks run out, the most recently admitted request is preempted by recompute: its blocks are freed,
@@ -16,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.prefill_budget import PrefillBudget
 from thrifty.engine.sequence import Sequence, Status
 from thrifty.errors import InvalidRequestError
 
@@ -29,6 +32,7 @@ class SchedulerConfig:
     policy: str = "continuous"
     batch_timeout_s: float = 0.1        # static/bucketed: launch a partial batch after this wait
     bucket_width: int = 64              # bucketed: prompt lengths grouped in buckets this wide
+    max_decode_slowdown: float | None = 2.0  # continuous: see the module doc; None: prefill at the full budget
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -37,6 +41,10 @@ class SchedulerConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1", "raise them",
                                       param="max_num_seqs")
+        if self.max_decode_slowdown is not None and self.max_decode_slowdown <= 1.0:
+            raise InvalidRequestError(f"max_decode_slowdown must be > 1, got {self.max_decode_slowdown}",
+                                      "use e.g. 2.0, or null to prefill at the full token budget",
+                                      param="max_decode_slowdown")
 
 
 @dataclass(slots=True)
@@ -54,7 +62,9 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []        # in the order they were admitted
+        fair = config.policy == "continuous" and config.max_decode_slowdown is not None
+        self.prefill_budget = PrefillBudget(config.max_decode_slowdown) if fair else None
 
     # ---- queue -------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -81,37 +91,54 @@ class Scheduler:
     # ---- policy ------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        if self.config.policy != "continuous" and not self.running:
-            self._launch_batch()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if self.config.policy == "continuous" and not out.preempted:
-            self._admit(out, budget)
+        budget = self.config.max_num_batched_tokens
+        if self.config.policy != "continuous":
+            if not self.running:
+                self._launch_batch()
+            self._schedule_running(out, budget, list(self.running), budget)
+            return out
+        decoding = [seq for seq in self.running if not _prefilling(seq)]
+        started = sorted((seq for seq in self.running if _prefilling(seq)), key=_remaining)
+        budget = self._schedule_running(out, budget, decoding, budget)
+        cap = budget
+        if self.prefill_budget is not None and (decoding or len(started) + len(self.waiting) > 1):
+            cap = min(budget, self.prefill_budget.tokens())
+        if not out.preempted:
+            budget, cap = self._admit(out, budget, cap)
+        self._schedule_running(out, budget, [seq for seq in started if seq in self.running], cap)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        queue, kept = list(self.running), []
-        while queue:
-            seq = queue.pop(0)
-            if budget == 0:
-                kept.append(seq)
+    def _schedule_running(self, out: SchedulerOutput, budget: int, queue: list[Sequence], cap: int) -> int:
+        """Give each of `queue` (running requests, in turn) its tokens this step; prompt tokens at most `cap`
+        in all. Out of blocks: the newest admitted request not yet given tokens this step is preempted."""
+        for seq in queue:
+            limit = min(budget, cap) if _prefilling(seq) else budget
+            if limit == 0 or seq not in self.running:
                 continue
-            n = self._allocate(seq, budget)
-            while n is None and queue:          # out of blocks: preempt the newest admitted request
-                self._preempt(queue.pop(), out)
-                n = self._allocate(seq, budget)
+            n = self._allocate(seq, limit)
+            while n is None:
+                victim = self._newest_unscheduled(out, seq)
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+                n = self._allocate(seq, limit)
             if n is None:
-                self._preempt(seq, out)
                 continue
             out.num_tokens[seq.request_id] = n
             budget -= n
-            kept.append(seq)
-        self.running = kept
+            if _prefilling(seq):
+                cap -= n
         return budget
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _newest_unscheduled(self, out: SchedulerOutput, seq: Sequence) -> Sequence:
+        later = [s for s in self.running if s.request_id not in out.num_tokens and s is not seq]
+        newer = [s for s in later if self.running.index(s) > self.running.index(seq)]
+        return newer[-1] if newer else seq
+
+    def _admit(self, out: SchedulerOutput, budget: int, cap: int) -> tuple[int, int]:
+        while self.waiting and min(budget, cap) > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = self._allocate(seq, budget)
+            n = self._allocate(seq, min(budget, cap))
             if n is None:
                 break
             self.waiting.popleft()
@@ -119,6 +146,8 @@ class Scheduler:
             self.running.append(seq)
             out.num_tokens[seq.request_id] = n
             budget -= n
+            cap -= n
+        return budget, cap
 
     def _launch_batch(self) -> None:
         """static / bucketed: move the next batch to running once it is full or its oldest request waited enough."""
@@ -156,6 +185,7 @@ class Scheduler:
         return n
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
         self.blocks.free(seq.request_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -163,3 +193,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq.request_id)
         out.num_tokens.pop(seq.request_id, None)
+
+
+def _remaining(seq: Sequence) -> int:
+    return seq.num_tokens - seq.num_computed_tokens
+
+
+def _prefilling(seq: Sequence) -> bool:
+    """More than the one new token of a decode step is left to compute: a prompt (or a preempted request's
+    prompt and output, recomputed)."""
+    return _remaining(seq) > 1

@@ -1,0 +1,89 @@
+"""The continuous policy's fairness, on the scheduler alone: decodes first, a short prompt gets in while a long one
+prefills, and prompt tokens beside decodes stay within the learned budget (engine/prefill_budget.py)."""
+from __future__ import annotations
+
+import pytest
+
+from thrifty.engine.block_manager import BlockManager
+from thrifty.engine.prefill_budget import START_TOKENS, PrefillBudget
+from thrifty.engine.sampling import SamplingParams
+from thrifty.engine.scheduler import Scheduler, SchedulerConfig
+from thrifty.engine.sequence import Sequence
+from thrifty.errors import InvalidRequestError
+
+
+def seq(rid: str, n: int) -> Sequence:
+    return Sequence(rid, None, list(range(1, n + 1)), SamplingParams(max_tokens=100))
+
+
+def advance(s: Scheduler, plan) -> None:
+    """What the engine does after a step: the tokens are computed, a finished prompt samples one token."""
+    for seq_ in s.running:
+        n = plan.num_tokens.get(seq_.request_id, 0)
+        seq_.num_computed_tokens += n
+        if n and seq_.num_computed_tokens == seq_.num_tokens:
+            seq_.output_token_ids.append(7)
+
+
+def scheduler(**options) -> Scheduler:
+    return Scheduler(SchedulerConfig(**options), BlockManager(4096, 16, enable_prefix_caching=False))
+
+
+def test_a_short_prompt_gets_in_while_a_long_one_prefills():
+    s = scheduler(max_num_batched_tokens=512)
+    s.add(seq("long", 12_000))
+    plan = s.schedule()
+    assert plan.num_tokens == {"long": 512}        # alone: the whole budget
+    advance(s, plan)
+    s.add(seq("short", 4))
+    plan = s.schedule()
+    assert plan.num_tokens["short"] == 4           # admitted at once, beside the long prompt's next chunk
+    assert plan.num_tokens["long"] <= START_TOKENS - 4
+    advance(s, plan)
+    plan = s.schedule()                            # short decodes; the long prompt's chunk is what the budget allows
+    assert plan.num_tokens["short"] == 1 and plan.num_tokens["long"] == START_TOKENS
+
+
+def test_the_budget_follows_measured_steps():
+    s = scheduler(max_num_batched_tokens=2048, max_decode_slowdown=3.0)
+    s.prefill_budget.observe(0.050, 0, decodes=4)           # a decode-only step: 50 ms
+    s.prefill_budget.observe(0.050 + 0.010 * 20, 20, decodes=4)  # 10 ms per prompt token beside them
+    assert s.prefill_budget.tokens() == 10                  # (3 - 1) x 50 ms / 10 ms
+    for i in range(3):
+        s.add(seq(f"d{i}", 3))
+    advance(s, s.schedule())
+    s.add(seq("long", 5000))
+    plan = s.schedule()
+    assert [plan.num_tokens[f"d{i}"] for i in range(3)] == [1, 1, 1] and plan.num_tokens["long"] == 10
+
+
+def test_decodes_go_before_a_prompt_admitted_earlier():
+    for slowdown, long_chunk in ((None, 64 - 1), (2.0, START_TOKENS)):
+        s = scheduler(max_num_batched_tokens=64, max_decode_slowdown=slowdown)
+        s.add(seq("long", 1000))
+        advance(s, s.schedule())
+        s.add(seq("short", 3))
+        plan = s.schedule()
+        assert plan.num_tokens["short"] == 3      # a new prompt before the rest of a started one
+        advance(s, plan)
+        plan = s.schedule()
+        # the decode first; the long prompt gets the rest: of the step's budget without a slowdown limit,
+        # of the prefill budget with one
+        assert list(plan.num_tokens) == ["short", "long"] and plan.num_tokens["short"] == 1
+        assert plan.num_tokens["long"] == long_chunk
+
+
+def test_prefill_budget_rules():
+    b = PrefillBudget(2.0)
+    assert b.tokens() == START_TOKENS
+    b.observe(0.02, 0, decodes=1)
+    b.observe(0.02 + 0.5, 100, decodes=1)              # 5 ms a token: one decode step's worth is 4 tokens
+    assert b.tokens() == 4
+    b.observe(10.0, 2000, decodes=0)                   # a prompt alone: 5 ms a token again
+    assert b.tokens() == 4
+    slow = PrefillBudget(2.0)
+    slow.observe(0.02, 0, decodes=1)
+    slow.observe(5.0, 10, decodes=1)                   # prompt tokens dearer than a decode step: still 1
+    assert slow.tokens() == 1
+    with pytest.raises(InvalidRequestError, match="max_decode_slowdown"):
+        SchedulerConfig(max_decode_slowdown=1.0)
