@@ -214,3 +214,19 @@ def test_step_bench_splits_each_step_into_its_phases(tmp_path, tiny_gguf, capsys
     assert report["ratios"][0]["name"] == "ms per extra sequence, batch 1 -> 3"
     if _has_matplotlib():
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fairness_bench_runs_each_mode_and_answers_every_short(tmp_path, tiny_gguf, capsys):
+    """The table and JSON of `bench fairness` on the tiny model: every short request gets a first token (also
+    those the long prompt held up), the streams decoded during the prefill, and the modes are off + each value."""
+    out = tmp_path / "fair.json"
+    rc = main(["bench", "fairness", "--model", str(tiny_gguf), "--long", "400", "--short", "4", "--short-every",
+               "0.01", "--streams", "2", "--slowdowns", "2,4", "--max-num-batched-tokens", "64", "--dtype", "float32",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0
+    assert "short TTFT p99 s" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [r["max_decode_slowdown"] for r in results] == [None, 2.0, 4.0]
+    for r in results:
+        assert r["short_requests"] >= 1 and r["short_ttft_p99_s"] > 0 and r["long_ttft_s"] > 0
+        assert r["stream_tokens_during_prefill"] > 0 and r["unloaded_tpot_p50_s"] > 0

@@ -92,6 +92,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--requests", type=int, default=16)
     x.add_argument("--output-len", type=int, default=8)
 
+    f = bsub.add_parser("fairness", help="a long prompt beside decoding streams and short requests: TPOT, TTFT",
+                        description="Runs the scheduler without a prefill budget (full chunks), then with each "
+                                    "--slowdowns value (max_decode_slowdown).")
+    _common(f)
+    f.add_argument("--long", type=int, default=12_000, help="tokens of the long prompt (default 12000)")
+    f.add_argument("--short", type=int, default=4, help="tokens of each short request's prompt (default 4)")
+    f.add_argument("--short-every", type=float, default=1.0, help="seconds between short requests (default 1)")
+    f.add_argument("--streams", type=int, default=2, help="requests decoding throughout (default 2)")
+    f.add_argument("--slowdowns", default="2.0", help="max_decode_slowdown values to compare with off (default 2.0)")
+
 
 def run(args: argparse.Namespace) -> None:
     from thrifty.bench import report as rep
@@ -131,9 +141,20 @@ def run(args: argparse.Namespace) -> None:
         report = run_prefix(cfg)
         print(format_report(report))
         plot = rep.plot_prefix
+    elif args.bench_command == "fairness":
+        from thrifty.bench.fairness import FairnessConfig, format_report, run_fairness
+
+        cfg = FairnessConfig(
+            model=args.model, long=args.long, short=args.short, short_every_s=args.short_every, streams=args.streams,
+            slowdowns=tuple(float(x) for x in _name_list(args.slowdowns)), seed=args.seed, dtype=args.dtype,
+            weights=args.weights, device=args.device, kv_cache_memory=args.kv_cache_memory,
+            max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads, progress=args.progress)
+        report = run_fairness(cfg)
+        print(format_report(report))
+        plot = None
     else:  # pragma: no cover (argparse requires one)
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
     if args.json:
         print(f"\nwrote {rep.write_json(args.json, report)}")
-    if args.plot:
+    if args.plot and plot is not None:
         print(f"wrote {plot(report, args.plot)}")
