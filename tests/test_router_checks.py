@@ -70,6 +70,9 @@ def test_prompt_examples_from_doctests_and_inline_forms():
     assert prompt_examples(PROMPT) == [("rolling_max([1, 2, 3, 2, 3, 4, 2])", "[1, 2, 3, 3, 3, 4, 4]")]
     inline = 'def solve(s):\n    """Examples\n    solve("ab") = "AB"\n    for f(7, 3) == 34\n    g(1) ==> True\n    """\n'
     assert prompt_examples(inline) == [('solve("ab")', '"AB"'), ("f(7, 3)", "34"), ("g(1)", "True")]
+    # after a label or inside a sentence, as prompts write them
+    labelled = "Write f(n), the nth square plus one.\nExample: f(3) == 10.\nFor example, f(0) returns 1.\ne.g. f(g(1)) == 2"
+    assert prompt_examples(labelled) == [("f(3)", "10"), ("f(0)", "1"), ("f(g(1))", "2")]
     assert prompt_examples("What is the capital of France?") == []
 
 

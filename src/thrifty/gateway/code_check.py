@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from thrifty.gateway.sandbox import SandboxResult, run_python
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_INLINE_EXAMPLE = re.compile(r"^\s*(?:[-*]\s*|for\s+)?([A-Za-z_]\w*\(.*\))\s*"
+# A call and what it gives, anywhere on a line ("- f(1) == 2", "Example: f(3) == 10.", "e.g. f(x) -> y").
+_INLINE_EXAMPLE = re.compile(r"(?:^|(?<=[\s:,]))([A-Za-z_]\w*\(.*\))\s*"
                              r"(?:==>|==|=>|->|➞|=|returns|should return)\s*(.+?)\s*$")
 
 
@@ -86,7 +87,7 @@ def prompt_examples(prompt: str) -> list[tuple[str, str]]:
     if not found:
         for text in texts:
             found += [(m.group(1), m.group(2).rstrip(".,;")) for line in text.splitlines()
-                      if (m := _INLINE_EXAMPLE.match(line))]
+                      if (m := _INLINE_EXAMPLE.search(line))]
     return [(src, want) for src, want in found
             if want and "\n" not in want and "\n" not in src and _parses(src) and _parses(want) and src != want]
 
