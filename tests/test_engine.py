@@ -64,11 +64,11 @@ def kernels(request, monkeypatch):
     dict(enable_prefix_caching=False),
     dict(enable_prefix_caching=True),
     dict(max_num_batched_tokens=24),                                   # chunked prefill
-    dict(max_decode_slowdown=None),                                    # prefill at the full token budget
+    dict(max_decode_slowdown=2.0),                                     # prefill budget beside decodes
     dict(num_kv_blocks=40, block_size=4),                              # forced preemption
     dict(scheduler_policy="static", max_num_seqs=8),
     dict(scheduler_policy="bucketed", max_num_seqs=8),
-], ids=["batched", "prefix-cache", "chunked", "full-budget-prefill", "preemption", "static", "bucketed"])
+], ids=["batched", "prefix-cache", "chunked", "fair-prefill", "preemption", "static", "bucketed"])
 def test_batch_of_32_matches_alone(tiny_gguf, alone, options, kernels):
     prompts, expected = alone
     engine = make_engine(tiny_gguf, **options)

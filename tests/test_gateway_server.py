@@ -263,3 +263,12 @@ def test_remote_only_gateway(cloud, tmp_path):
             c.completions.create(model="cloud", prompt="x", max_tokens=10_000)
         assert "max_tokens" in e.value.body["message"]
         assert [c.cache for c in gateway.ledger.charges()] == ["", "", "hit", ""]  # the refused one cost nothing
+
+
+def test_served_engines_protect_streams_while_prompts_prefill(server):
+    """A server's local tiers get the prefill budget (max_decode_slowdown 2.0); LLM / benchmarks keep full chunks."""
+    from thrifty.engine.engine import EngineConfig
+
+    local = server.gateway.tiers["small"].backend.engine.engine
+    assert local.scheduler.prefill_budget is not None and local.scheduler.prefill_budget.max_slowdown == 2.0
+    assert EngineConfig().max_decode_slowdown is None

@@ -31,7 +31,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     scheduler_policy: str = "continuous"
-    max_decode_slowdown: float | None = 2.0  # continuous: prefill beside decodes only this much slower (scheduler)
+    max_decode_slowdown: float | None = None  # continuous: prefill beside decodes only this much slower (scheduler;
+                                              # None: full-budget chunks; `thrifty serve` uses 2.0)
     max_model_len: int | None = None        # default: the model's context, capped by the KV cache
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR

@@ -3,9 +3,10 @@
 The output is a plain map {request_id: num_tokens}: a prefill chunk, a decode step (1) and later
 speculative tokens are all the same kind of thing. Three policies:
 - continuous: requests join and leave every step. Decodes go first (never starved by prefills); then prompts,
-  new ones before the rest of long ones already started, shortest remaining first, in chunks. While anyone
-  decodes or waits, a step prefills only as many prompt tokens as keep the decodes' time per token within
-  `max_decode_slowdown` of its value without prefills (engine/prefill_budget.py: learned from step timings).
+  new ones before the rest of long ones already started, shortest remaining first, in chunks. With
+  `max_decode_slowdown` set (a server sets 2.0), a step that decodes prefills only as many prompt tokens as keep
+  the decodes' time per token within that factor of its value without prefills (engine/prefill_budget.py:
+  learned from step timings); unset, prompts fill the step's token budget (offline throughput).
 - static: wait for a full batch (max_num_seqs) or a timeout, run that batch to the end, then the next.
 - bucketed: static batches of prompts of similar length (cuts padding in padded engines).
 When blocks run out, the most recently admitted request is preempted by recompute: its blocks are freed,
@@ -32,7 +33,7 @@ class SchedulerConfig:
     policy: str = "continuous"
     batch_timeout_s: float = 0.1        # static/bucketed: launch a partial batch after this wait
     bucket_width: int = 64              # bucketed: prompt lengths grouped in buckets this wide
-    max_decode_slowdown: float | None = 2.0  # continuous: see the module doc; None: prefill at the full budget
+    max_decode_slowdown: float | None = None  # continuous: see the module doc; None: prefill at the full budget
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -101,7 +102,7 @@ class Scheduler:
         started = sorted((seq for seq in self.running if _prefilling(seq)), key=_remaining)
         budget = self._schedule_running(out, budget, decoding, budget)
         cap = budget
-        if self.prefill_budget is not None and (decoding or len(started) + len(self.waiting) > 1):
+        if self.prefill_budget is not None and decoding:
             cap = min(budget, self.prefill_budget.tokens())
         if not out.preempted:
             budget, cap = self._admit(out, budget, cap)

@@ -128,6 +128,11 @@ def build_gateway(config: ThriftyConfig, router=None, cache=None):
     return Gateway(tiers, router, settings, Ledger(ledger_path(config)), cache, config.cache)
 
 
+# A server keeps streaming requests' time per token within 2x while long prompts prefill (scheduler fairness);
+# offline batches (LLM, benchmarks) keep EngineConfig's default, full-budget prefill chunks, for throughput.
+SERVING_ENGINE_DEFAULTS = {"max_decode_slowdown": 2.0}
+
+
 def _load_local(t: TierSettings, settings: RouterSettings):
     from thrifty.engine.async_engine import AsyncEngine
     from thrifty.engine.engine import LLMEngine
@@ -135,7 +140,7 @@ def _load_local(t: TierSettings, settings: RouterSettings):
     from thrifty.engine.throughput import measured_throughput
 
     print(f"thrifty: loading {t.model} for tier {t.name} ...", file=sys.stderr, flush=True)
-    engine = LLMEngine.from_model(t.model, **t.engine)
+    engine = LLMEngine.from_model(t.model, **{**SERVING_ENGINE_DEFAULTS, **t.engine})
 
     def throughput() -> tuple[float, float]:
         result, reused = measured_throughput(engine, dict(t.engine))
