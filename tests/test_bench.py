@@ -222,9 +222,9 @@ def test_fairness_bench_runs_each_mode_and_answers_every_short(tmp_path, tiny_gg
     out = tmp_path / "fair.json"
     rc = main(["bench", "fairness", "--model", str(tiny_gguf), "--long", "400", "--short", "4", "--short-every",
                "0.01", "--streams", "2", "--slowdowns", "2,4", "--max-num-batched-tokens", "64", "--dtype", "float32",
-               "--json", str(out), "--no-progress"])
+               "--json", str(out), "--plot", str(tmp_path / "fair.png"), "--no-progress"])
     assert rc == 0
-    assert "short TTFT p99 s" in capsys.readouterr().out
+    assert "short TTFT p99 s" in capsys.readouterr().out and (tmp_path / "fair.png").stat().st_size > 0
     results = json.loads(out.read_text())["results"]
     assert [r["max_decode_slowdown"] for r in results] == [None, 2.0, 4.0]
     for r in results:

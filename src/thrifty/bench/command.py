@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> None:
             max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads, progress=args.progress)
         report = run_fairness(cfg)
         print(format_report(report))
-        plot = None
+        plot = rep.plot_fairness
     else:  # pragma: no cover (argparse requires one)
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
     if args.json:
         print(f"\nwrote {rep.write_json(args.json, report)}")
-    if args.plot and plot is not None:
+    if args.plot:
         print(f"wrote {plot(report, args.plot)}")

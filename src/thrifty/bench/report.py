@@ -6,7 +6,7 @@ from pathlib import Path
 
 from thrifty.reporting import fmt, markdown_table, pyplot as _pyplot, save_figure as _save
 
-__all__ = ["fmt", "markdown_table", "plot_prefix", "plot_quant_frontier", "plot_step", "plot_throughput", "write_json"]
+__all__ = ["fmt", "markdown_table", "plot_fairness", "plot_prefix", "plot_quant_frontier", "plot_step", "plot_throughput", "write_json"]
 
 
 def write_json(path: str | Path, report: dict) -> Path:
@@ -124,5 +124,26 @@ def plot_quant_frontier(report: dict, path: str | Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['model']}: int4 quality / speed frontier ({report['hardware']['cpu']}, "
                  f"{report['threads']} threads)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_fairness(report: dict, path: str | Path) -> Path:
+    """Per prefill-budget mode: the streams' TPOT p99 over their unloaded p50, the shorts' TTFT p99, the long
+    prompt's TTFT."""
+    plt = _pyplot()
+    rows = report["results"]
+    labels = ["off" if r["max_decode_slowdown"] is None else f"{r['max_decode_slowdown']:g}x" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    panels = (("tpot_p99_over_unloaded", "stream TPOT p99 / unloaded p50"), ("short_ttft_p99_s", "short TTFT p99 (s)"),
+              ("long_ttft_s", "long prompt TTFT (s)"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(labels, [r[key] or 0.0 for r in rows])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("prefill budget (max_decode_slowdown)")
+        ax.grid(True, axis="y", alpha=0.3)
+    c = report["config"]
+    fig.suptitle(f"{report['model']['name']} ({report['model']['weights']}): a {c['long']}-token prompt beside "
+                 f"{c['streams']} streams, a {c['short']}-token request every {c['short_every_s']:g} s", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
