@@ -1,11 +1,15 @@
 """The sandbox and the cascade's code checks (no models needed)."""
 from __future__ import annotations
 
+import os
 import textwrap
+import threading
+import time
 
 import pytest
 
 from thrifty.gateway.code_check import check_answer, complete_program, extract_code, prompt_examples
+from thrifty.gateway import sandbox
 from thrifty.gateway.sandbox import run_python
 
 PROMPT = textwrap.dedent('''\
@@ -57,6 +61,47 @@ def test_sandbox_has_no_network_and_no_environment(monkeypatch):
     assert not r.ok and "network access is disabled" in r.output
     r = run_python("import os\nprint(os.environ.get('THRIFTY_SECRET_FOR_TEST'))")
     assert r.ok and r.output.strip() == "None"
+
+
+def _sandbox_processes() -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "thrifty-sandbox-" in cmd:
+            found.append(entry)
+    return found
+
+
+@pytest.mark.skipif(not sandbox._can_unshare_net(), reason="this kernel allows no unprivileged PID namespace")
+def test_sandbox_kills_everything_the_code_forks():
+    """Children that leave the process group (setsid) and would outlive the run die with it; a (bounded) fork
+    bomb is cut at the timeout."""
+    code = ("import os, time\n"
+            "for _ in range(20):\n"
+            "    if os.fork() == 0:\n"
+            "        os.setsid()\n"
+            "        time.sleep(600)\n"
+            "        os._exit(0)\n"
+            "print('forked', flush=True)\n"
+            "for _ in range(5):\n"          # a bounded fork bomb: 32 processes, all in the group, all spinning
+            "    os.fork()\n"
+            "while True:\n"
+            "    pass\n")
+    result: list = []
+    runner = threading.Thread(target=lambda: result.append(run_python(code, timeout_s=2.0)), daemon=True)
+    runner.start()
+    runner.join(60)  # children holding the output pipe would keep the run (and its request) waiting 600 s
+    assert not runner.is_alive(), "the sandbox waited for processes its code forked"
+    r = result[0]
+    assert r.timed_out and "forked" in r.output
+    deadline = time.monotonic() + 5
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes() == []
 
 
 def test_extract_code_prefers_python_fences():

@@ -3,9 +3,10 @@
 Layers, each cheap: a fresh interpreter in isolated mode (`-I`: no user site, no PYTHON* variables, no cwd
 on sys.path) with an empty environment, in a new session inside a throw-away directory; rlimits on
 address space, CPU seconds, file size and open files; a wall-clock timeout that kills the whole process
-group; no network: a new network namespace (`unshare --net`, only a loopback that is down) where the
-kernel allows unprivileged user namespaces, and in every case a prelude that replaces the socket
-constructors with one that raises. This stops accidents and sloppy code, not a determined attacker with a
+group; where the kernel allows unprivileged user namespaces, new network and PID namespaces (`unshare --net
+--pid`: only a loopback that is down, and every process the code forks dies with it, even one that left the
+process group); in every case a prelude that replaces the socket constructors with one that raises. Files
+outside the throw-away directory are not hidden: the code runs as the server's user. This stops accidents and sloppy code, not a determined attacker with a
 kernel exploit; run the gateway itself in a container for that.
 """
 from __future__ import annotations
@@ -38,15 +39,18 @@ class SandboxResult:
     output: str              # the tail of stdout + stderr (why it failed)
 
 
+# the code runs as PID 1 of its own namespace: when it ends (or is killed), the kernel kills what it forked
+_UNSHARE = ("--net", "--pid", "--fork", "--kill-child", "--map-root-user")
+
+
 @functools.cache
 def _can_unshare_net() -> bool:
-    """True when an unprivileged process may create its own network namespace here."""
+    """True when an unprivileged process may create its own network and PID namespaces here."""
     exe = shutil.which("unshare")
     if exe is None:
         return False
     try:
-        return subprocess.run([exe, "--net", "--map-root-user", "true"], capture_output=True,
-                              timeout=10).returncode == 0
+        return subprocess.run([exe, *_UNSHARE, "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -69,7 +73,7 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_outp
             f.write(_PRELUDE + code)
         argv = [sys.executable, "-I", script]
         if _can_unshare_net():
-            argv = [shutil.which("unshare") or "unshare", "--net", "--map-root-user", *argv]
+            argv = [shutil.which("unshare") or "unshare", *_UNSHARE, *argv]
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         cpu_s = max(1, int(timeout_s) + 1)
         try:
