@@ -91,13 +91,17 @@ def test_report_cli_errors(tmp_path, capsys):
 def test_auto_price_probe_is_stored_and_reused(tiny_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("THRIFTY_HOME", str(tmp_path))
     engine = LLMEngine.from_model(str(tiny_gguf), **ENGINE)
-    first, reused = measured_throughput(engine, ENGINE)
+    first, reused = measured_throughput(engine)
     assert not reused and first.prefill_tokens_per_s > 0 and first.decode_tokens_per_s > 0
+    assert first.probes == 3 and first.prefill_range[0] <= first.prefill_tokens_per_s <= first.prefill_range[1]
+    assert first.decode_range[0] <= first.decode_tokens_per_s <= first.decode_range[1]
     stored = list((tmp_path / "throughput").glob("*.json"))
     assert len(stored) == 1 and engine.block_manager.stats.queries == 0  # the probe is not traffic
-    again, reused = measured_throughput(engine, ENGINE)
+    again, reused = measured_throughput(engine)
     assert reused and again == first
-    assert probe_key(engine, ENGINE) != probe_key(engine, {**ENGINE, "max_num_seqs": 4})
+    # other engine options reuse it; another weight format does not
+    assert probe_key(LLMEngine.from_model(str(tiny_gguf), **{**ENGINE, "max_num_seqs": 4})) == probe_key(engine)
+    assert probe_key(LLMEngine.from_model(str(tiny_gguf), **{**ENGINE, "weights": "int8"})) != probe_key(engine)
     # a server start derives the tier's prices from the stored measurement, and says so
     config = ThriftyConfig(model_list=[TierSettings("small", str(tiny_gguf), dict(ENGINE), price=PriceSettings()),
                                        TierSettings("cloud", "m", api_base="http://127.0.0.1:9/v1",

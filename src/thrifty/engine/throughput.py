@@ -1,17 +1,19 @@
 """What this machine computes per second on a loaded engine: the input to a local tier's `auto` price.
 
 A short probe (8 prompts of 128 tokens prefilled together, then 8 sequences decoding 32 tokens together,
-at most 8 s of it) on the engine the server will use. Measured on a busy machine it prices tokens high:
-delete the stored file to measure again. The result is kept as JSON under $THRIFTY_HOME/throughput/, keyed by
-the model's identity (path, size, mtime, weight format), the engine options and torch's thread count, so
-the next start on the same machine reuses it.
+at most 8 s of it) on the engine the server will use, run PROBES times: the median prices tokens, and the
+range says how much the machine's load moved it (a busy machine prices tokens high: delete the stored file
+to measure again). The result is kept as JSON under $THRIFTY_HOME/throughput/, keyed by what sets the speed
+(the model's identity: path, size, mtime; weight format, dtype, device, torch's thread count), not by the
+engine's other options, so the next start on the same machine reuses it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +23,23 @@ PROBE_SEQS = 8
 PROBE_PREFILL = 128
 PROBE_DECODE = 32
 DECODE_BUDGET_S = 8.0                        # a slow machine measures fewer decode steps, not for longer
+PROBES = 3
 
 
 @dataclass(slots=True)
 class Throughput:
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float              # the median of the probes
     decode_tokens_per_s: float
     measured_at: float                       # Unix time
-    seconds: float                           # how long the probe took
+    seconds: float                           # how long the probes took
+    prefill_range: list[float] = field(default_factory=list)   # [min, max] over the probes
+    decode_range: list[float] = field(default_factory=list)
+    probes: int = 1
 
 
-def probe_key(engine: Any, options: dict[str, Any]) -> str:
-    """Model identity + engine options + torch threads: a measurement is reused only for the same setup."""
+def probe_key(engine: Any) -> str:
+    """What sets the speed: model identity, weights, dtype, device, torch threads (not the KV cache size or the
+    batch limits, which a probe of 8 sequences does not reach)."""
     import torch
 
     path = Path(engine.loaded.path)
@@ -42,8 +49,18 @@ def probe_key(engine: Any, options: dict[str, Any]) -> str:
     except OSError:
         identity = [str(path)]
     data = {"model": identity, "weights": engine.loaded.weights, "dtype": str(engine.loaded.dtype),
-            "options": {k: options[k] for k in sorted(options)}, "threads": torch.get_num_threads()}
+            "device": str(getattr(engine.loaded, "device", "cpu")), "threads": torch.get_num_threads()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def measure_median(engine: Any, probes: int = PROBES) -> Throughput:
+    """`probes` probes: the median of each rate, and its range."""
+    start = time.perf_counter()
+    runs = [measure(engine) for _ in range(probes)]
+    prefill = [r.prefill_tokens_per_s for r in runs]
+    decode = [r.decode_tokens_per_s for r in runs]
+    return Throughput(statistics.median(prefill), statistics.median(decode), time.time(),
+                      time.perf_counter() - start, [min(prefill), max(prefill)], [min(decode), max(decode)], probes)
 
 
 def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, decode: int = PROBE_DECODE,
@@ -73,15 +90,15 @@ def measure(engine: Any, seqs: int = PROBE_SEQS, prefill: int = PROBE_PREFILL, d
                       time.perf_counter() - start)
 
 
-def measured_throughput(engine: Any, options: dict[str, Any], home: Path | None = None) -> tuple[Throughput, bool]:
-    """(throughput, reused): the stored measurement for this setup, or a new probe (then stored)."""
+def measured_throughput(engine: Any, home: Path | None = None) -> tuple[Throughput, bool]:
+    """(throughput, reused): the stored measurement for this setup, or new probes (then stored)."""
     folder = (home or paths.home()) / "throughput"
-    path = folder / f"{probe_key(engine, options)}.json"
+    path = folder / f"{probe_key(engine)}.json"
     try:
         return Throughput(**json.loads(path.read_text())), True
     except (OSError, ValueError, TypeError):
         pass
-    result = measure(engine)
+    result = measure_median(engine)
     engine.reset_stats()  # the probe is not traffic: its blocks and counters would mislead the metrics
     with paths.atomic_write(path, "w") as f:
         f.write(json.dumps(asdict(result), indent=2) + "\n")

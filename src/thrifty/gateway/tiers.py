@@ -143,7 +143,7 @@ def _load_local(t: TierSettings, settings: RouterSettings):
     engine = LLMEngine.from_model(t.model, **{**SERVING_ENGINE_DEFAULTS, **t.engine})
 
     def throughput() -> tuple[float, float]:
-        result, reused = measured_throughput(engine, dict(t.engine))
+        result, reused = measured_throughput(engine)
         if not reused:
             print(f"thrifty: measured tier {t.name}'s throughput in {result.seconds:.1f} s", file=sys.stderr,
                   flush=True)
