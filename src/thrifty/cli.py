@@ -246,10 +246,45 @@ def _run_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="virtual API keys: each with a tenant, rate limits and a budget")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    a = ksub.add_parser("add", help="make a key (shown once) for `thrifty serve` with server.virtual_keys: true")
+    a.add_argument("--tenant", required=True, help="whose requests these are (cache scope, ledger)")
+    a.add_argument("--rpm", type=int, default=None, help="requests per minute (default: no limit)")
+    a.add_argument("--tpm", type=int, default=None, help="prompt + completion tokens per minute (default: no limit)")
+    a.add_argument("--budget-usd", type=float, default=None, help="USD per --period, from the cost ledger")
+    a.add_argument("--period", default="month", choices=["day", "month"], help="the budget's period (UTC)")
+    ksub.add_parser("list", help="the keys (ids, tenants, limits; never the keys themselves)")
+    r = ksub.add_parser("revoke", help="revoke a key by its id (key-...)")
+    r.add_argument("key_id")
+    for q in ksub.choices.values():
+        q.add_argument("--path", default=None, help="the key store (default $THRIFTY_HOME/keys/keys.sqlite3)")
+
+
+def _run_keys(args: argparse.Namespace) -> None:
+    from thrifty.server.api_keys import KeyStore
+
+    store = KeyStore(args.path)
+    if args.keys_command == "add":
+        secret, key = store.add(args.tenant, args.rpm, args.tpm, args.budget_usd, args.period)
+        print(f"{key.key_id} for tenant {key.tenant}: {secret}\n(shown once; it is stored hashed)")
+    elif args.keys_command == "list":
+        from thrifty.reporting import markdown_table
+
+        rows = [(k.key_id, k.tenant, k.rpm, k.tpm, k.budget_usd, k.period, "revoked" if k.revoked else "active")
+                for k in store.list()]
+        print(markdown_table(("key", "tenant", "rpm", "tpm", "budget $", "period", "status"), rows))
+    elif not store.revoke(args.key_id):
+        raise ThriftyError(f"no active key {args.key_id}", "see `thrifty keys list`")
+    else:
+        print(f"revoked {args.key_id}")
+
+
 COMMANDS = {"models": (_models, _run_models), "generate": (_generate, _run_generate),
             "serve": (_serve, _run_serve), "bench": (_bench, _run_bench),
             "quantize": (_quantize, _run_quantize), "eval": (_eval, _run_eval), "cache": (_cache, _run_cache),
-            "router": (_router, _run_router), "report": (_report, _run_report)}
+            "router": (_router, _run_router), "report": (_report, _run_report), "keys": (_keys, _run_keys)}
 
 
 def build_parser() -> argparse.ArgumentParser:

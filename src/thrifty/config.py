@@ -65,6 +65,8 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0         # SIGTERM: finish running requests up to this long
     log_level: str = "info"
     ledger_path: str | None = None           # the cost ledger (SQLite); default $THRIFTY_HOME/ledger/ledger.sqlite3
+    virtual_keys: bool = False               # API keys from `thrifty keys add` (tenant, rpm, tpm, budget each)
+    keys_path: str | None = None             # their store (SQLite); default $THRIFTY_HOME/keys/keys.sqlite3
 
     def __post_init__(self) -> None:
         for name in ("max_waiting_requests", "max_output_tokens", "default_max_tokens", "max_body_bytes"):

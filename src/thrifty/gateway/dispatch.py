@@ -171,7 +171,7 @@ class Dispatcher:
         baseline = (request_cost(self.baseline.price, usage.prompt_tokens, usage.cached_tokens,
                                  usage.completion_tokens) if final else 0.0)
         return Charge(p.request_id, tier, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
-                      cost, baseline, 0.0, final, p.request.model, route)
+                      cost, baseline, 0.0, final, p.request.model, route, key_id=p.request.key_id or "")
 
     def _book(self, p: BackendRequest, tier: str, route: str, usage: Usage, spent: list[Charge]) -> float:
         charges = [*spent, self._charge(p, tier, usage, route)]

@@ -32,11 +32,11 @@ CREATE TABLE IF NOT EXISTS charges (
     ts REAL NOT NULL, request_id TEXT NOT NULL, model TEXT NOT NULL, tier TEXT NOT NULL, reason TEXT NOT NULL,
     cache TEXT NOT NULL, final INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, baseline_usd REAL NOT NULL,
-    saved_cache_usd REAL NOT NULL);
+    saved_cache_usd REAL NOT NULL, key_id TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS charges_ts ON charges (ts);
 """
 _COLUMNS = ("ts", "request_id", "model", "tier", "reason", "cache", "final", "prompt_tokens", "cached_tokens",
-            "completion_tokens", "cost_usd", "baseline_usd", "saved_cache_usd")
+            "completion_tokens", "cost_usd", "baseline_usd", "saved_cache_usd", "key_id")
 
 
 @dataclass(slots=True)
@@ -54,6 +54,7 @@ class Charge:
     model: str = ""                          # the model name the client asked for ("auto", a tier)
     reason: str = ""                         # the route, as in the x-thrifty-route header
     cache: str = ""                          # "", hit, semantic-hit, coalesced
+    key_id: str = ""                         # the virtual API key that paid (thrifty.server.api_keys), if any
     ts: float = field(default_factory=time.time)
 
 
@@ -161,6 +162,8 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            if "key_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(charges)")}:
+                self._db.execute("ALTER TABLE charges ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")  # older files
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"cannot open the cost ledger {self.path or ':memory:'}: {e}",
                               "check the path and its permissions") from None
@@ -220,6 +223,14 @@ class Ledger:
 
     def report(self, since: float | None = None, order: list[str] | None = None) -> Report:
         return summarize(self.charges(since), since, order)
+
+    def spend(self, key_id: str, since: float) -> float:
+        """USD charged to the API key `key_id` since `since` (Unix time)."""
+        self.flush()
+        with self._db_lock:
+            row = self._db.execute("SELECT SUM(cost_usd) FROM charges WHERE key_id = ? AND ts >= ?",
+                                   (key_id, since)).fetchone()
+        return float(row[0] or 0.0)
 
     def close(self) -> None:
         self.flush()

@@ -37,6 +37,7 @@ class GatewayRequest:
     forward: dict[str, Any] = field(default_factory=dict)   # the client's OpenAI fields, for remote tiers
     api_key: str | None = None                # who asks: the caches never share across keys or tenants
     tenant: str | None = None
+    key_id: str | None = None                 # the virtual API key's id: the ledger books its spend under it
     cache: Controls = field(default_factory=Controls)
 
 

@@ -30,8 +30,9 @@ from thrifty.server.metrics import CONTENT_TYPE, ServerMetrics
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorResponse, "description": text} for code, text in (
-        (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
-        (413, "Request body too large"), (429, "Too many waiting requests"), (500, "Server error"),
+        (400, "Invalid request"), (401, "Missing or wrong API key"), (402, "The key's budget is spent"),
+        (404, "Unknown model"), (413, "Request body too large"),
+        (429, "Too many waiting requests, or the key's requests / tokens per minute"), (500, "Server error"),
         (503, "Shutting down"))}
 _STREAM_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                "description": "JSON, or server-sent events when stream is true"}
@@ -55,9 +56,11 @@ def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | 
 
 
 def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None, api_key: str | None = None,
-                       cache=None, cache_settings: CacheSettings | None = None) -> FastAPI:
+                       cache=None, cache_settings: CacheSettings | None = None, keys=None) -> FastAPI:
     """The OpenAI-compatible app over a gateway (thrifty.gateway.tiers.build_gateway). `cache`: put the
-    gateway's tiers behind this response cache instead of the gateway's own."""
+    gateway's tiers behind this response cache instead of the gateway's own. `keys`: a
+    thrifty.server.api_keys.KeyStore of virtual keys (each with its tenant, limits and budget); `api_key` is
+    then the master key, with no limits."""
     settings = settings or ServerSettings()
     if cache is not None:
         gateway = gateway.with_cache(cache, cache_settings)
@@ -150,5 +153,5 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(Guard, metrics=stats, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Guard, metrics=stats, api_key=api_key, max_body_bytes=settings.max_body_bytes, keys=keys)
     return app

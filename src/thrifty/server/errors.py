@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from thrifty.errors import (InvalidRequestError, ModelFileError, ModelNotFoundError, ModelNotServedError, ThriftyError,
                             UnsupportedModelError)
 from thrifty.gateway.backends import BackendError, TierTimeoutError
+from thrifty.server.key_limits import BudgetExceededError, KeyRateLimitError
 
 log = logging.getLogger("thrifty.server")
 
@@ -49,6 +50,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ModelNotServedError, 404, "invalid_request_error", "model_not_found"),
     (PayloadTooLargeError, 413, "invalid_request_error", "payload_too_large"),
     (ServerBusyError, 429, "rate_limit_error", "server_busy"),
+    (BudgetExceededError, 402, "insufficient_quota", "budget_exceeded"),
+    (KeyRateLimitError, 429, "rate_limit_error", "rate_limit_exceeded"),
     (ShuttingDownError, 503, "service_unavailable_error", "shutting_down"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (TierTimeoutError, 504, "server_error", "tier_timeout"),
@@ -77,7 +80,7 @@ def classify(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     for cls, status, type_, code in _TABLE:
         if isinstance(exc, cls):
             headers = {}
-            if isinstance(exc, ServerBusyError):
+            if isinstance(exc, (ServerBusyError, KeyRateLimitError)):
                 headers["Retry-After"] = str(exc.retry_after_s)
             param = getattr(exc, "param", None)
             if status >= 500:

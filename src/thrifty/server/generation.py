@@ -23,6 +23,7 @@ from thrifty.gateway.gateway import Gateway
 from thrifty.gateway.request import GatewayOutput, GatewayRequest, Reply
 from thrifty.server import schemas as s
 from thrifty.server.admission import Admission, Ticket
+from thrifty.server.key_limits import KeyLimits
 from thrifty.server.metrics import ServerMetrics
 from thrifty.server.requests import Caller, chat_request, completion_request, max_tokens_param
 from thrifty.server.responses import Formatter, run_to_end
@@ -51,8 +52,9 @@ class _Stream(StreamingResponse):
 
 class Generation:
     def __init__(self, gateway: Gateway, settings: ServerSettings, metrics: ServerMetrics,
-                 admission: Admission) -> None:
+                 admission: Admission, limits: KeyLimits | None = None) -> None:
         self.gateway, self.settings, self.metrics, self.admission = gateway, settings, metrics, admission
+        self.limits = limits or KeyLimits(gateway.ledger.spend)   # virtual keys' rates and budgets
         self.formatter = Formatter(gateway.tokenizer)
 
     def _prepare(self, body: s.CompletionRequest | s.ChatCompletionRequest, caller: Caller, chat: bool):
@@ -66,12 +68,15 @@ class Generation:
 
     async def answer(self, body: s.CompletionRequest | s.ChatCompletionRequest, request: Request,
                      chat: bool) -> Response:
-        gw_request, prepared = self._prepare(body, Caller.of(request.headers), chat)
+        key = request.scope.get("state", {}).get("api_key")
+        gw_request, prepared = self._prepare(body, Caller.of(request.headers, key), chat)
+        if key is not None:
+            self.limits.admit(key)
         ticket = self.admission.admit()
         try:
             reply = await self.gateway.start(prepared)
             self.metrics.observe_reply(reply)
-            outputs = self._metered(reply, ticket)
+            outputs = self._metered(reply, ticket, gw_request.key_id)
             first = None
             if body.stream and reply.route is None:  # several tiers: fallback must be over before the first byte
                 outputs, first = await _primed(outputs)
@@ -97,8 +102,9 @@ class Generation:
         headers.update(_route_headers(out.route, out.cost))
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
-    async def _metered(self, reply: Reply, ticket: Ticket) -> AsyncIterator[GatewayOutput]:
-        """The reply's outputs; books metrics; the request leaves the admission count when they end."""
+    async def _metered(self, reply: Reply, ticket: Ticket, key_id: str | None) -> AsyncIterator[GatewayOutput]:
+        """The reply's outputs; books metrics and the key's tokens; the request leaves the admission count when
+        they end."""
         start = time.monotonic()
         last: GatewayOutput | None = None
         gen = reply.outputs
@@ -109,6 +115,8 @@ class Generation:
         finally:
             await gen.aclose()
             self.admission.release(ticket)
+            if key_id is not None and last is not None and last.usage is not None:
+                self.limits.record_tokens(key_id, last.usage.prompt_tokens + last.usage.completion_tokens)
             finished = last is not None and last.finished and last.finish_reason != "abort"
             if reply.cache not in _COMPUTED:
                 if finished:

@@ -5,6 +5,7 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from thrifty.server.api_keys import KeyStore
 from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response
 from thrifty.server.metrics import ServerMetrics
 
@@ -15,8 +16,10 @@ _PUBLIC_PATHS = ("/health",)
 class Guard:
     """Pure ASGI middleware: API key (401), body-size limit (413), request counting by status."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int,
+                 keys: KeyStore | None = None) -> None:
         self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body_bytes
+        self.keys = keys   # virtual keys (thrifty.server.api_keys); `api_key` stays the unlimited master key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,16 +45,23 @@ class Guard:
             self.metrics.requests.labels(endpoint, str(status_box[0])).inc()
 
     def _authorize(self, scope: Scope, path: str) -> Exception | None:
-        if self.api_key is None or path in _PUBLIC_PATHS:
+        """None when the request may pass; a virtual key's record goes into the request's state (`api_key`)."""
+        if (self.api_key is None and self.keys is None) or path in _PUBLIC_PATHS:
             return None
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
+        token = token.strip()
         if not auth:
             return AuthenticationError("no API key given", "send the header 'Authorization: Bearer <key>'")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            return AuthenticationError("the API key is not valid", "check the key the server was started with")
-        return None
+        if scheme.lower() == "bearer":
+            if self.api_key is not None and hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return None
+            key = self.keys.lookup(token) if self.keys is not None and token else None
+            if key is not None:
+                scope.setdefault("state", {})["api_key"] = key
+                return None
+        return AuthenticationError("the API key is not valid", "check the key, or ask for a new one")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Exception | None]:
         """Buffer the body (at most max_body bytes) and replay it; 413 beyond the limit."""

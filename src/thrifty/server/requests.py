@@ -24,15 +24,18 @@ _SAMPLING = ("temperature", "top_p", "seed", "stop", "presence_penalty", "freque
 
 @dataclass(slots=True, frozen=True)
 class Caller:
-    """Who sent the request, from its headers."""
+    """Who sent the request, from its headers (and its virtual key, when the guard found one)."""
     api_key: str | None = None
     tenant: str | None = None
     cache_control: str | None = None
+    key_id: str | None = None
 
     @staticmethod
-    def of(headers: Any) -> Caller:
-        key = headers.get("authorization", "").partition(" ")[2].strip() or None
-        return Caller(key, headers.get("x-thrifty-tenant"), headers.get("cache-control"))
+    def of(headers: Any, key: Any = None) -> Caller:
+        """`key`: the request's thrifty.server.api_keys.ApiKey; its tenant wins over the x-thrifty-tenant header."""
+        secret = headers.get("authorization", "").partition(" ")[2].strip() or None
+        tenant = key.tenant if key is not None else headers.get("x-thrifty-tenant")
+        return Caller(secret, tenant, headers.get("cache-control"), key.key_id if key is not None else None)
 
 
 def unsupported(param: str, what: str) -> InvalidRequestError:
@@ -59,7 +62,8 @@ def _request(prefix: str, req: s._SamplingFields, asked: int | None, default: in
     forward = {k: v for k, v in req.model_dump(exclude_unset=True).items() if k not in _NOT_FORWARDED}
     return GatewayRequest(f"{prefix}-{uuid.uuid4().hex}", req.model, params=params, max_tokens_given=asked is not None,
                           limits=Limits(settings.max_prompt_tokens, limit), forward=forward, api_key=caller.api_key,
-                          tenant=caller.tenant, cache=Controls.parse(opts, caller.cache_control), **content)
+                          tenant=caller.tenant, key_id=caller.key_id, cache=Controls.parse(opts, caller.cache_control),
+                          **content)
 
 
 def completion_request(req: s.CompletionRequest, settings: ServerSettings, caller: Caller) -> GatewayRequest:

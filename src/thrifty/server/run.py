@@ -25,7 +25,12 @@ def build_server_app(config: ThriftyConfig, api_key: str | None = None):
     if cache is not None:
         print(f"thrifty: response cache on ({config.cache.store}, semantic "
               f"{'on' if config.cache.semantic else 'off'})", file=sys.stderr, flush=True)
-    return create_gateway_app(gateway, config.server, api_key)
+    keys = None
+    if config.server.virtual_keys:
+        from thrifty.server.api_keys import KeyStore
+
+        keys = KeyStore(config.server.keys_path)
+    return create_gateway_app(gateway, config.server, api_key, keys=keys)
 
 
 def serve(config: ThriftyConfig, api_key: str | None = None) -> None:
