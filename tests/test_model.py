@@ -60,8 +60,19 @@ def test_bf16_stays_close_to_float32(tiny_gguf):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_attention_matches_contiguous_reference(dtype, tol, window):
-    """A mixed batch (3 decodes, a fresh prefill, a chunk over a cached prefix) against per-sequence reference."""
+@pytest.mark.parametrize("short_chunks", ["as-decodes", "sdpa"])
+def test_paged_attention_matches_contiguous_reference(dtype, tol, window, short_chunks, monkeypatch):
+    """A mixed batch (3 decodes, a fresh prefill, a chunk over a cached prefix) against per-sequence reference;
+    the chunk over its prefix both ways: as decodes on the native kernel, and through SDPA over the gathered
+    context."""
+    from thrifty.ops import attention
+
+    if short_chunks == "sdpa":
+        monkeypatch.setattr(attention, "CHUNK_AS_DECODES", 0)
+    else:
+        from thrifty import native
+
+        assert native.available(), native.unavailable_reason()
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh inputs each run
     heads, kv_heads, dim, bs = 8, 2, 16, 4
     spec = KVCacheSpec(1, kv_heads, dim, bs, 64, dtype)

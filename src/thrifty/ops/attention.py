@@ -4,7 +4,9 @@ A step's flat batch holds decode tokens first (one query each), then prefill chu
 kernel over the block tables where it runs, else one batched matmul over their contexts, gathered as whole
 blocks and padded to the longest (on CPUs a manual matmul + float32 softmax beats SDPA for decode; in float32
 where bf16 math is emulated, see thrifty.ops.precision); each prefill chunk runs SDPA over its cached prefix
-plus itself.
+plus itself, except a short chunk after a cached prefix (the rest of a long prompt prefilled a little at a
+time beside decodes, or speculative tokens to verify): its queries are decodes of growing context lengths over
+one block table, which the native kernel reads in place, where SDPA would gather the whole context first.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from thrifty import native
 from thrifty.ops import forward_context
-from thrifty.ops.attention_metadata import NEG_INF, AttentionMetadata
+from thrifty.ops.attention_metadata import NEG_INF, AttentionMetadata, PrefillSpan
 from thrifty.ops.kv_cache import LayerKVCache
 from thrifty.ops.precision import matmul_dtype
 
@@ -35,12 +37,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         out[:meta.num_decodes] = _decode(q[:meta.num_decodes], cache, meta, scale, window)
     for i, span in enumerate(meta.prefills):
         qs = q[span.start:span.end]
+        if _as_decodes(qs, cache, span):
+            out[span.start:span.end] = _chunk_as_decodes(qs, cache, span, scale, window)
+            continue
         if span.slots is None:
             ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
         else:
             ks, vs = cache.read(span.slots, q.dtype)
         out[span.start:span.end] = _prefill(qs, ks, vs, meta.prefill_mask(i, window), scale)
     return out
+
+
+CHUNK_AS_DECODES = 32   # chunks up to this many tokens after a cached prefix run as decodes
+
+
+def _as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan) -> bool:
+    return (span.blocks is not None and q.shape[0] <= CHUNK_AS_DECODES and native.runs(q) and native.runs(cache.k)
+            and q.shape[-1] % 8 == 0)
+
+
+def _chunk_as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan, scale: float,
+                      window: int | None) -> torch.Tensor:
+    """Query i of the chunk attends to the context up to and including itself: a decode of that length."""
+    n = q.shape[0]
+    lens = torch.arange(span.context_len - n + 1, span.context_len + 1, dtype=torch.long, device=q.device)
+    tables = span.blocks[None].expand(n, -1).contiguous()
+    return native.decode_attention(q, cache.k, cache.v, tables, lens, scale, window)
 
 
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,

@@ -20,6 +20,7 @@ class PrefillSpan:
     end: int
     context_len: int             # tokens in the cache for this sequence once this chunk is written
     slots: torch.Tensor | None   # cache slots of the whole context; None when the chunk is the whole context
+    blocks: torch.Tensor | None = None  # [nb] block ids of the whole context (with slots)
 
 
 @dataclass(slots=True)
@@ -62,7 +63,8 @@ class AttentionMetadata:
         for i in range(num_decodes, len(query_lens)):
             q, ctx = query_lens[i], context_lens[i]
             slots = None if q == ctx else slot_rows[i].to(device)
-            prefills.append(PrefillSpan(start, start + q, ctx, slots))
+            blocks = None if slots is None else torch.tensor(block_tables[i], dtype=torch.long, device=device)
+            prefills.append(PrefillSpan(start, start + q, ctx, slots, blocks))
             start += q
         return cls(slot_mapping, num_decodes, decode_blocks, decode_lens, block_size, prefills, kv_caches)
 
