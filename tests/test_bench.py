@@ -230,3 +230,14 @@ def test_fairness_bench_runs_each_mode_and_answers_every_short(tmp_path, tiny_gg
     for r in results:
         assert r["short_requests"] >= 1 and r["short_ttft_p99_s"] > 0 and r["long_ttft_s"] > 0
         assert r["stream_tokens_during_prefill"] > 0 and r["unloaded_tpot_p50_s"] > 0
+
+
+def test_determinism_bench_counts_differences_per_mode(tmp_path, tiny_gguf, capsys):
+    out = tmp_path / "det.json"
+    rc = main(["bench", "determinism", "--model", str(tiny_gguf), "--requests", "4", "--max-tokens", "3",
+               "--dtype", "bfloat16", "--json", str(out), "--no-progress"])
+    assert rc == 0 and "batched != alone" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    off, on = report["results"]
+    assert (off["deterministic"], on["deterministic"]) == (False, True)
+    assert on["differ"] == 0 and on["requests"] == 4 and on["batch_output_tok_s"] > 0

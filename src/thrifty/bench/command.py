@@ -102,6 +102,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--streams", type=int, default=2, help="requests decoding throughout (default 2)")
     f.add_argument("--slowdowns", default="2.0", help="max_decode_slowdown values to compare with off (default 2.0)")
 
+    d = bsub.add_parser("determinism", help="batched vs alone outputs with deterministic off and on, and its cost")
+    d.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    d.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    d.add_argument("--plot", metavar="FILE.png", help="not drawn for this benchmark (a table says it all)")
+    d.add_argument("--requests", type=int, default=32, help="HumanEval chat prompts, run alone and together")
+    d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+
 
 def run(args: argparse.Namespace) -> None:
     from thrifty.bench import report as rep
@@ -152,9 +162,18 @@ def run(args: argparse.Namespace) -> None:
         report = run_fairness(cfg)
         print(format_report(report))
         plot = rep.plot_fairness
+    elif args.bench_command == "determinism":
+        from thrifty.bench.determinism import DeterminismConfig, format_report, run_determinism
+
+        if args.requests < 2:
+            raise InvalidRequestError("--requests must be >= 2", "", param="requests")
+        report = run_determinism(DeterminismConfig(args.model, args.requests, args.max_tokens, args.dtype,
+                                                   args.threads, args.progress))
+        print(format_report(report))
+        plot = None
     else:  # pragma: no cover (argparse requires one)
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
     if args.json:
         print(f"\nwrote {rep.write_json(args.json, report)}")
-    if args.plot:
+    if args.plot and plot is not None:
         print(f"wrote {plot(report, args.plot)}")

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from thrifty.engine import determinism
 from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thrifty.engine.runner import ModelRunner, StepInput
@@ -34,6 +35,7 @@ class EngineConfig:
     max_decode_slowdown: float | None = None  # continuous: prefill beside decodes only this much slower (scheduler;
                                               # None: full-budget chunks; `thrifty serve` uses 2.0)
     max_model_len: int | None = None        # default: the model's context, capped by the KV cache
+    deterministic: bool = False             # same tokens at any batch size and composition (engine/determinism.py)
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
 
@@ -103,7 +105,10 @@ class LLMEngine:
         self.block_manager = BlockManager(spec.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device)
+        if config.deterministic:
+            determinism.check(loaded.dtype, loaded.weights)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
+                                  rows_as_decodes=config.deterministic)
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()

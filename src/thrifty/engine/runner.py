@@ -31,8 +31,9 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, sampler: Sampler,
-                 device: torch.device) -> None:
+                 device: torch.device, rows_as_decodes: bool = False) -> None:
         self.model, self.kv_cache, self.sampler, self.device = model, kv_cache, sampler, device
+        self.rows_as_decodes = rows_as_decodes   # deterministic mode (engine/determinism.py)
         self.block_size = kv_cache.spec.block_size
 
     def execute(self, batch: list[StepInput], watch: Stopwatch) -> tuple[list[Sequence], SamplerOutput | None]:
@@ -47,7 +48,8 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             [b.block_table for b in batch],
             [b.seq.num_computed_tokens + b.num_tokens for b in batch],
-            [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers, self.device)
+            [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers, self.device,
+            rows_as_decodes=self.rows_as_decodes)
         ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
         watch.lap("inputs")
         with set_forward_context(meta):

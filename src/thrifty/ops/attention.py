@@ -37,7 +37,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         out[:meta.num_decodes] = _decode(q[:meta.num_decodes], cache, meta, scale, window)
     for i, span in enumerate(meta.prefills):
         qs = q[span.start:span.end]
-        if _as_decodes(qs, cache, span):
+        if meta.rows_as_decodes or _as_decodes(qs, cache, span):
             out[span.start:span.end] = _chunk_as_decodes(qs, cache, span, scale, window)
             continue
         if span.slots is None:

@@ -32,12 +32,15 @@ class AttentionMetadata:
     block_size: int
     prefills: list[PrefillSpan]
     kv_caches: list[LayerKVCache]
+    rows_as_decodes: bool = False          # every prefill row attends as a decode (deterministic mode)
     _masks: dict = field(default_factory=dict)  # per sliding-window size, built on first use in a step
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
-              block_size: int, kv_caches: list[LayerKVCache], device: torch.device | str = "cpu") -> AttentionMetadata:
-        """Sequences in batch order; all one-token queries must come first."""
+              block_size: int, kv_caches: list[LayerKVCache], device: torch.device | str = "cpu",
+              rows_as_decodes: bool = False) -> AttentionMetadata:
+        """Sequences in batch order; all one-token queries must come first. `rows_as_decodes`: every prefill
+        row attends as a decode of its own context (deterministic mode)."""
         slot_rows: list[torch.Tensor] = []
         for table, ctx in zip(block_tables, context_lens):
             blocks = torch.tensor(table, dtype=torch.long)
@@ -63,10 +66,12 @@ class AttentionMetadata:
         for i in range(num_decodes, len(query_lens)):
             q, ctx = query_lens[i], context_lens[i]
             slots = None if q == ctx else slot_rows[i].to(device)
-            blocks = None if slots is None else torch.tensor(block_tables[i], dtype=torch.long, device=device)
+            blocks = (torch.tensor(block_tables[i], dtype=torch.long, device=device)
+                      if slots is not None or rows_as_decodes else None)
             prefills.append(PrefillSpan(start, start + q, ctx, slots, blocks))
             start += q
-        return cls(slot_mapping, num_decodes, decode_blocks, decode_lens, block_size, prefills, kv_caches)
+        return cls(slot_mapping, num_decodes, decode_blocks, decode_lens, block_size, prefills, kv_caches,
+                   rows_as_decodes)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """Additive mask [1, B, 1, L]: padding (and keys outside a sliding window) get -inf."""
