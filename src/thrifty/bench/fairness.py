@@ -160,7 +160,8 @@ def format_report(report: dict) -> str:
 
     c, m, h = report["config"], report["model"], report["hardware"]
     rows = [["off (full chunks)" if r["max_decode_slowdown"] is None else f"{r['max_decode_slowdown']:g}x",
-             r["unloaded_tpot_p50_s"], r["loaded_tpot_p50_s"], r["loaded_tpot_p99_s"], r["tpot_p99_over_unloaded"],
+             r["unloaded_tpot_p50_s"], r["unloaded_tpot_p99_s"], r["loaded_tpot_p50_s"], r["loaded_tpot_p99_s"],
+             r["tpot_p99_over_unloaded"],
              f"{r['short_answered_before_long']}/{r['short_requests']}", r["short_ttft_p50_s"], r["short_ttft_p99_s"],
              r["long_ttft_s"]] for r in report["results"]]
     return "\n".join([
@@ -168,5 +169,6 @@ def format_report(report: dict) -> str:
         f"streams and a {c['short']}-token request every {c['short_every_s']:g} s",
         f"{h['cpu']}, {h['cores']} cores, {h['torch_threads']} torch threads, torch {h['torch_version']}; "
         f"{report['date']}", "",
-        markdown_table(["prefill budget", "TPOT alone p50 s", "TPOT during prefill p50 s", "p99 s", "p99 / alone p50",
+        markdown_table(["prefill budget", "TPOT alone p50 s", "p99 s", "TPOT during prefill p50 s", "p99 s",
+                        "p99 / alone p50",
                         "shorts answered", "short TTFT p50 s", "short TTFT p99 s", "long prompt TTFT s"], rows)])
