@@ -3,7 +3,7 @@
     auto        dense, in the compute dtype (the default)
     bf16, fp32  dense, in that dtype (sets the compute dtype when dtype is auto)
     int8        int8, one scale per output channel, round-to-nearest from the float weights
-    int4        int4, asymmetric, groups of 128 (int4-g32 / int4-g64 / int4-g128 / int4-g256 pick the group)
+    int4        int4, asymmetric, groups of 32 (int4-g64 / int4-g128 / int4-g256 pick another group)
     fp8         float8 e4m3 storage, one scale per row, upcast for the matmul
     gguf        a .gguf model's own quantized blocks, repacked without requantizing where a kernel holds them
     DIR         a folder written by `thrifty quantize` (its config says the format)
