@@ -122,6 +122,8 @@ TRAPS = {
     ],
     "scope": [
         ("How do I list processes?", "How do I list zombie processes?"),
+        ("How do I drop a table in SQLite?", "How do I drop all tables in SQLite?"),
+        ("How do I read a config file?", "How do I read every config file in a folder?"),
     ],
     "word_order": [
         ("Convert a tuple to a list", "Convert a list to a tuple"),
@@ -185,6 +187,9 @@ TUNED = Guard(GuardConfig(same_words=0.3, small_edit=0.9, reworded=0.85))  # the
     ("How do I merge main into my feature branch?", "How do I merge main into my feature-branch?"),
     ("How do I find the maximum value in a list?", "How do I find the max value in a list?"),
     ("How do I delete a directory in Python?", "How do I delete a folder in Python?"),
+    ("How do I drop all tables in SQLite?", "How can I drop every table in SQLite?"),
+    ("How do I check which version of npm is installed?", "How do I find which version of npm is installed?"),
+    ("How do I rotate a logfile?", "How do I rotate a log file?"),
 ])
 def test_same_question_passes_the_structure_checks(a, b):
     d = TUNED.check(a, b, 0.95)

@@ -18,8 +18,9 @@ for what that cannot settle. Words are read by `tokens.py` (symbols kept: "c", "
    - structure (`structure.py`): no relation reversed ("A to B" / "B to A", "X in a Y" / "Y in an X",
      "X of Y"), no role given to another word of the texts ("from my savings to ..." / "from my current
      account to ...", "faster than Java" / "faster than Python"), no quantified statement reordered
-     ("every X is a Y"), the same operators ("==" / "==="), and no word whose letter case carries meaning
-     written otherwise ("MBps" / "Mbps").
+     ("every X is a Y"), no noun quantified on one side only ("a column" / "all columns"), the same
+     operators ("==" / "==="), and no word whose letter case carries meaning written otherwise ("MBps" /
+     "Mbps").
 2. Content words are matched across the texts (stop words, conversational fillers and hedges dropped;
    plural, -ing/-ed forms, one-letter typos and the general synonym groups of `lexicon.py` forgiven;
    "turn on" read as "enable"). What is left unmatched is the edit:
@@ -43,7 +44,8 @@ import numpy as np
 
 from thrifty.gateway.cache.lexicon import (FILLER, GENERIC_VERBS, LIGHT, MONTHS, NEG_PREFIXES, NEGATIONS, NUM,
                                            OPPOSITE, STOP, TECH, UNIT_WORDS, UNITS)
-from thrifty.gateway.cache.structure import case_conflict, operator_conflict, quantifier_order, relation_conflict
+from thrifty.gateway.cache.structure import (case_conflict, operator_conflict, quantifier_order, quantifier_scope,
+                                             relation_conflict)
 from thrifty.gateway.cache.tokens import close, contains, names, numbers, stem, synonyms, words
 
 __all__ = ["Decision", "Guard", "GuardConfig", "names", "numbers", "words"]
@@ -137,8 +139,20 @@ def _unmatched(xa: list[str], xb: list[str]) -> tuple[list[str], list[str]]:
             still_a.append(w)
         else:
             rest_b.pop(j)
-    # compounds written apart on one side ("pressure cooker" / "pressure-cooker" are split already)
-    return still_a, rest_b
+    return _compounds(still_a, rest_b)
+
+
+def _compounds(xa: list[str], xb: list[str]) -> tuple[list[str], list[str]]:
+    """A word on one side written as two on the other ("logfile" / "log file", "newlines" / "new lines");
+    hyphenated compounds are split already."""
+    for one, two in ((xa, xb), (xb, xa)):
+        for w in list(one):
+            for i in range(len(two) - 1):
+                if w.isalpha() and close(w, two[i] + two[i + 1]):
+                    one.remove(w)
+                    del two[i:i + 2]
+                    break
+    return xa, xb
 
 
 def _name_check(a: str, b: str) -> str | None:
@@ -179,7 +193,8 @@ def _generic_verb(w: str) -> bool:
 
 def _structure(a: str, b: str, wa: list[str], wb: list[str]) -> str | None:
     """Order, roles, operators and case (see structure.py): what a bag of words cannot see."""
-    for why in (operator_conflict(a, b), case_conflict(a, b), relation_conflict(wa, wb), quantifier_order(wa, wb)):
+    for why in (operator_conflict(a, b), case_conflict(a, b), relation_conflict(wa, wb), quantifier_order(wa, wb),
+                quantifier_scope(wa, wb)):
         if why is not None:
             return why
     return None

@@ -143,6 +143,7 @@ SYNONYMS = [
     "application app", "environment env", "maximum max", "quit exit",
     "element item", "solve resolve", "development dev", "arguments args", "configuration config",
     "parameter param", "documentation docs", "database db", "image picture", "function func",
+    "specific particular", "trim strip",
 ]
 SYNONYM: dict[str, str] = {}
 for _group in SYNONYMS:

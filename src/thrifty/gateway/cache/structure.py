@@ -19,7 +19,7 @@ import re
 from collections import Counter
 
 from thrifty.gateway.cache.lexicon import FILLER, LIGHT, NEGATIONS, RAW_TOKEN, STOP
-from thrifty.gateway.cache.tokens import same
+from thrifty.gateway.cache.tokens import close, same
 
 # Words that tie the phrase before them to the phrase after them, in a direction.
 MARKERS = frozenset({"to", "into", "onto", "from", "than", "in", "per", "of", "over", "vs", "versus"})
@@ -130,6 +130,21 @@ def quantifier_order(wa: list[str], wb: list[str]) -> str | None:
             positions.append(j)
     if positions != sorted(positions):
         return "order after 'every/all' differs"
+    return None
+
+
+def quantifier_scope(wa: list[str], wb: list[str]) -> str | None:
+    """"rename a column" vs "rename all columns": one side quantifies a noun that the other names in the
+    singular (or the plural) without a quantifier: one thing against all of them."""
+    for x, y in ((_bare(wa), _bare(wb)), (_bare(wb), _bare(wa))):
+        if any(w in QUANTIFIERS for w in y):
+            continue
+        for i, w in enumerate(x):
+            if w not in QUANTIFIERS:
+                continue
+            for q in _run_after(x, i):
+                if any(v != q and v.isalpha() and close(v, q) for v in y):
+                    return f"scope: '{w} {q}'"
     return None
 
 
