@@ -183,7 +183,7 @@ def _hard_words(unmatched: list[str]) -> str | None:
         if w in UNIT_WORDS:
             return f"unit '{w}'"
         if w in TECH:
-            return f"'{w}'"
+            return f"language or tool '{w}'"
     return None
 
 

@@ -129,7 +129,7 @@ def quantifier_order(wa: list[str], wb: list[str]) -> str | None:
         if j is not None:
             positions.append(j)
     if positions != sorted(positions):
-        return "order after 'every/all' differs"
+        return "order after a quantifier differs"
     return None
 
 
@@ -176,5 +176,5 @@ def case_conflict(a: str, b: str) -> str | None:
         sb = m.group(0)
         for sa in forms_a.get(sb.lower(), ()):
             if sa != sb and sa != sa.lower() and sb != sb.lower() and (_mixed_case(sa) or _mixed_case(sb)):
-                return f"'{sa}' vs '{sb}'"
+                return f"letter case differs: '{sa}' vs '{sb}'"
     return None
