@@ -19,6 +19,10 @@ PAIRS = [
     {"a": "Convert 100 USD to GBP", "b": "Convert 1000 USD to GBP", "should_hit": False, "category": "number_date"},
     {"a": "Does your CLI support Linux?", "b": "Does your CLI support Windows?", "should_hit": False,
      "category": "entity_swap"},
+    {"a": "How do I reverse a list?", "b": "How do I reverse a list?", "should_hit": False, "category": "context",
+     "context_a": "Answer with Python code.", "context_b": [{"role": "system", "content": "Answer with Rust code."}]},
+    {"a": "Convert a list to a string", "b": "Convert a string to a list", "should_hit": False,
+     "category": "word_order"},
 ]
 
 
@@ -31,10 +35,46 @@ def test_cache_eval_cli(tmp_path, store, capsys):
     assert main(["cache", "eval", "--pairs", str(pairs), "--store", store, "--entries", "300",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["pairs"] == 5 and r["hit_rate"] == 1.0 and r["false_hit_rate"] == 0.0
-    assert set(r["false_hit_rate_by_category"]) == {"negation", "number_date", "entity_swap"}
+    assert r["pairs"] == 7 and r["hit_rate"] == 1.0 and r["false_hit_rate"] == 0.0 and r["wrong"] == []
+    assert set(r["false_hit_rate_by_category"]) == {"negation", "number_date", "entity_swap", "context", "word_order"}
+    assert r["sets"][str(pairs)]["hits_by_category"]["context"] == "0/1"
+    # a reason for every miss: the system prompt puts the stored question in another scope
+    assert r["sets"][str(pairs)]["reasons_by_category"]["context"] == {"no entry in this scope": 1}
+    assert "direction" in r["sets"][str(pairs)]["reasons_by_category"]["word_order"]
     assert r["entries_at_timing"] >= 300 and 0 < r["lookup_p50_ms"] <= r["lookup_p99_ms"]
     assert "false-hit rate" in capsys.readouterr().out
+
+
+def test_load_pairs_split_field_context_and_named_sets(tmp_path):
+    from thrifty.bench.cache_eval import load_pairs
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(p) for p in [
+        {"id": "x-001", "a": "q1", "b": "q2", "should_hit": True, "split": "tune"},   # the field wins over the id
+        {"id": "x-002", "a": "q3", "b": "q4", "should_hit": False, "context_a": "Be brief."},
+        {"id": "x-004", "a": "q5", "b": "q6", "should_hit": False, "split": "report"}]) + "\n")
+    tune = load_pairs(f, "tune")
+    assert [p["a"] for p in tune] == ["q1", "q3"]
+    assert tune[1]["context_a"] == [{"role": "system", "content": "Be brief."}] and tune[1]["context_b"] == []
+    assert [p["a"] for p in load_pairs(f, "report")] == ["q5"]
+
+
+def test_trap_set_covers_every_kind_on_both_halves():
+    from collections import Counter
+
+    from thrifty.bench.cache_eval import load_pairs
+
+    kinds = {"negation", "antonym", "entity_swap", "number_unit", "scope", "word_order", "symbol_name", "version",
+             "code_detail", "context"}
+    for half in ("tune", "report"):
+        pairs = load_pairs("traps", half)
+        traps = Counter(p["category"] for p in pairs if not p["should_hit"])
+        assert set(traps) == kinds and min(traps.values()) >= 10, traps
+        should = sum(p["should_hit"] for p in pairs)
+        assert should >= 0.9 * sum(traps.values())
+        assert all(p["context_a"] != p["context_b"] for p in pairs if p["category"] == "context")
+    every = load_pairs("traps", "all")
+    assert len({p["id"] for p in every}) == len(every) == len(load_pairs("traps", "tune")) + len(load_pairs("traps", "report"))
 
 
 def test_cache_eval_bad_pairs_file(tmp_path, capsys):

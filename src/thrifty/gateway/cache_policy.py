@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 from thrifty.config import CacheSettings
 from thrifty.engine.engine import RequestOutput, Usage
 from thrifty.gateway.cache import Hit, ResponseCache, build_request, tenant_id
-from thrifty.gateway.cache.keys import CacheRequest
+from thrifty.gateway.cache.keys import CacheRequest, chat_parts
 from thrifty.gateway.request import BackendRequest, GatewayOutput
 
 _PIECE = re.compile(r"\s*\S+\s*|\s+")
@@ -43,10 +43,7 @@ def model_identity(name: str, names: set[str]) -> str:
 def semantic_parts(p: BackendRequest) -> tuple[str | None, Any]:
     """(text the embedder sees, everything else that must match exactly)."""
     if p.chat:
-        msgs = [{"role": m["role"], "content": m["content"], "name": m.get("name")} for m in p.messages or []]
-        if not msgs or msgs[-1]["role"] != "user":
-            return None, msgs
-        return msgs[-1]["content"], msgs[:-1] + [{"role": "user", "name": msgs[-1]["name"]}]
+        return chat_parts(p.messages or [])
     prompt = p.prompt
     if isinstance(prompt, str):
         return prompt, "prompt"

@@ -61,6 +61,15 @@ class CacheRequest:
     max_age_s: float | None
 
 
+def chat_parts(messages: list[dict[str, Any]]) -> tuple[str | None, Any]:
+    """A chat's (last user message: the text the embedder sees, everything before it: the context that
+    must match exactly). No text when the chat does not end with a user message."""
+    msgs = [{"role": m["role"], "content": m["content"], "name": m.get("name")} for m in messages]
+    if not msgs or msgs[-1]["role"] != "user":
+        return None, msgs
+    return msgs[-1]["content"], msgs[:-1] + [{"role": "user", "name": msgs[-1]["name"]}]
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 

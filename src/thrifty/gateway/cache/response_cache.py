@@ -95,33 +95,46 @@ class ResponseCache:
     # ---- look-up -----------------------------------------------------------------------------------
     async def lookup(self, req: CacheRequest) -> Hit | None:
         """The cached answer for `req`, or None (a miss, or the store is unavailable)."""
+        return (await self.explain(req))[0]
+
+    async def explain(self, req: CacheRequest) -> tuple[Hit | None, str]:
+        """The look-up, with why it hit or missed (the guard's reason for the closest candidate): what
+        `thrifty cache eval` records for every pair."""
         if not req.read:
-            return None
+            return None, "not read (no-cache)"
         inline = getattr(self.store, "in_process", False)
         try:
             entry = await self._call("get", lambda: self.store.get(req.key), inline)
             if entry is not None and self._fresh(entry, req):
-                return Hit("hit", entry, 1.0)
+                return Hit("hit", entry, 1.0), "exact"
             if not (self.semantic and req.text and self.embedder is not None):
-                return None
+                return None, "no exact entry; semantic off"
             vector = self._embed(req.text)
             found = await self._call("search", lambda: self.store.search(vector, self.top_k, req.scope), inline)
-        except CacheStoreError:
-            return None
-        return self.best(req, found)
+        except CacheStoreError as e:
+            return None, f"store unavailable: {e}"
+        return self.best_explained(req, found)
 
     def best(self, req: CacheRequest, found: list[tuple[CacheEntry, float]]) -> Hit | None:
         """The most similar candidate that the guard accepts (scope checked again: defence in depth)."""
+        return self.best_explained(req, found)[0]
+
+    def best_explained(self, req: CacheRequest, found: list[tuple[CacheEntry, float]]) -> tuple[Hit | None, str]:
         floor = self.guard.config.floor
+        why = "no entry in this scope"
         for entry, sim in sorted(found, key=lambda t: -t[1]):
             if sim < floor:
+                if why == "no entry in this scope":
+                    why = f"closest entry below the cosine floor ({sim:.3f} < {floor})"
                 break
             if entry.scope != req.scope or not self._fresh(entry, req):
                 continue
             decision = self.guard.check(entry.text, req.text or "", sim)
             if decision.hit:
-                return Hit("semantic-hit", entry, sim, decision)
-        return None
+                return Hit("semantic-hit", entry, sim, decision), decision.reason
+            if why == "no entry in this scope":
+                why = decision.reason  # the closest candidate's reason speaks for the miss
+        return None, why
 
     @staticmethod
     def _fresh(entry: CacheEntry, req: CacheRequest) -> bool:
