@@ -36,7 +36,7 @@ class SpeculativeConfig:
     ngram_min: int = 2                  # n-gram lookup: the shortest suffix that may match
     ngram_max: int = 4                  # ... and the longest (tried first)
     draft_model: str | None = None      # method draft: the proposing model (same tokenizer as the target)
-    disable_by_batch_size: int = 4      # no speculation in a step with this many running requests or more
+    disable_by_batch_size: int = 16     # no speculation in a step with this many running requests or more (measured)
     adaptive: bool = True               # per request, the number of proposed tokens follows its acceptance
 
     def __post_init__(self) -> None:
