@@ -415,3 +415,30 @@ def test_real_model_greedy_identical_on_humaneval(qwen05_gguf):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert outs["ngram"] == outs["off"]
     assert engine.speculator.stats.num_accepted_tokens > 0
+
+
+def test_config_file_cli_flags_and_metrics():
+    import argparse
+
+    from thrifty.cli import _speculative_section
+    from thrifty.config import ThriftyConfig
+    from thrifty.engine.snapshot import EngineSnapshot
+    from thrifty.server.metrics import _spec_decode_metrics
+
+    config = ThriftyConfig(engine={"speculative": {"method": "ngram", "num_tokens": 3}})
+    assert config.engine_config().speculative == SpeculativeConfig(method="ngram", num_tokens=3)
+    with pytest.raises(InvalidRequestError, match="not implemented yet"):
+        ThriftyConfig(engine={"speculative": "draft"}).engine_config()
+
+    flags = argparse.Namespace(speculative="ngram", num_speculative_tokens=None, ngram_min=1, ngram_max=None,
+                               draft_model=None)
+    assert _speculative_section(flags, {"num_tokens": 6}) == {"num_tokens": 6, "method": "ngram", "ngram_min": 1}
+    none = argparse.Namespace(speculative=None, num_speculative_tokens=None, ngram_min=None, ngram_max=None,
+                              draft_model=None)
+    assert _speculative_section(none, {"method": "ngram"}) is None
+
+    snaps = [EngineSnapshot(1, 0, 10, 5, 0, 0, 64, 3, 9, 5, (3, 2, 0)), EngineSnapshot(1, 0, 10, 5, 0, 0, 64)]
+    families = {m.name: m for m in _spec_decode_metrics(snaps)}
+    assert families["thrifty_spec_decode_num_accepted_tokens"].samples[0].value == 5
+    per_pos = families["thrifty_spec_decode_num_accepted_tokens_per_pos"].samples
+    assert [(s.labels["position"], s.value) for s in per_pos] == [("0", 3), ("1", 2), ("2", 0)]
