@@ -224,7 +224,8 @@ def verify_sequences(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence
         if p.greedy and not p.uses_penalties and not p.min_tokens:
             out.append(verify_greedy(rows.max(dim=1).indices.tolist(), draft))  # as Sampler.sample's argmax
             continue
-        histories = [TokenHistory(seq.prompt_token_ids, seq.output_token_ids + draft[:j]) for j in range(len(draft) + 1)]
+        histories = [TokenHistory(seq.prompt_token_ids, seq.output_token_ids + draft[:j])
+                     for j in range(len(draft) + 1)]
         probs = sampler.distribution(rows, [p] * len(histories), histories)
         if p.greedy:
             out.append(verify_greedy(probs.max(dim=1).indices.tolist(), draft))
