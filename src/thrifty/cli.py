@@ -44,6 +44,27 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _speculative_flags(p)
+
+
+def _speculative_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
+                   help="speculative decoding: ngram (prompt lookup); draft is not implemented yet (default off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="most tokens proposed per step (4)")
+    p.add_argument("--ngram-min", type=int, default=None, help="shortest n-gram prompt lookup matches (2)")
+    p.add_argument("--ngram-max", type=int, default=None, help="longest n-gram, tried first (4)")
+    p.add_argument("--draft-model", default=None, help="method draft: the proposing model")
+
+
+def _speculative_section(args: argparse.Namespace, base: dict | None = None) -> dict | None:
+    """The engine's speculative section from the flags over `base` (the config file's); None: untouched."""
+    flags = {"method": args.speculative, "num_tokens": args.num_speculative_tokens, "ngram_min": args.ngram_min,
+             "ngram_max": args.ngram_max, "draft_model": args.draft_model}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return None
+    section = dict(base) if isinstance(base, dict) else {"method": base} if isinstance(base, str) else {}
+    return {**section, **given}
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -54,7 +75,8 @@ def _run_generate(args: argparse.Namespace) -> None:
                             top_k=args.top_k, seed=args.seed)
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
-                                   weights=args.weights, device=args.device)
+                                   weights=args.weights, device=args.device,
+                                   speculative=_speculative_section(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -78,6 +100,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu or cuda (default: the config's engine.device, else auto)")
     p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
                                      "named by server.api_key_env; unset: no auth)")
+    _speculative_flags(p)
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -93,6 +116,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         config.server.port = args.port
     if args.device:
         config.engine["device"] = args.device
+    speculative = _speculative_section(args, config.engine.get("speculative"))
+    if speculative is not None:
+        config.engine["speculative"] = speculative
     serve(config, args.api_key or config.server.api_key())
 
 

@@ -85,6 +85,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
     st.add_argument("--profile-steps", type=int, default=6, help="steps under the profiler (0: none)")
 
+    sp = bsub.add_parser("spec", help="plain vs n-gram speculative decoding: tok/s, acceptance, per workload",
+                         description="Greedy chat / code-edit / summarize requests (HumanEval, pydoc passages) "
+                                     "through the chat template, with speculation off and ngram, per batch size.")
+    _common(sp)
+    sp.add_argument("--workloads", type=_name_list, default=["chat", "code-edit", "summarize"])
+    sp.add_argument("--batch", type=_int_list, default=[1, 4, 16], help="max_num_seqs, e.g. 1,4,16")
+    sp.add_argument("--requests", type=int, default=None, help="requests per cell (default: the batch, at least 2)")
+    sp.add_argument("--output-len", type=int, default=128)
+    sp.add_argument("--num-speculative-tokens", type=int, default=4)
+    sp.add_argument("--ngram-min", type=int, default=2)
+    sp.add_argument("--ngram-max", type=int, default=4)
+    sp.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculate only in steps with fewer running requests (default: the engine's)")
+
     x = bsub.add_parser("prefix", help="TTFT and prompt tokens computed with and without prefix caching")
     _common(x)
     x.add_argument("--shared-prefix", type=int, default=2048, help="tokens every request shares")
@@ -140,6 +154,17 @@ def run(args: argparse.Namespace) -> None:
         report = run_step(cfg)
         print(format_report(report))
         plot = rep.plot_step
+    elif args.bench_command == "spec":
+        from thrifty.bench.spec import SpecBenchConfig, format_report, run_spec
+
+        cfg = SpecBenchConfig(
+            model=args.model, workloads=args.workloads, batch=args.batch, requests=args.requests,
+            output_len=args.output_len, num_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
+            ngram_max=args.ngram_max, disable_by_batch_size=args.disable_by_batch_size, weights=args.weights,
+            dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=args.threads, progress=args.progress)
+        report = run_spec(cfg)
+        print(format_report(report))
+        plot = None
     elif args.bench_command == "prefix":
         from thrifty.bench.prefix import PrefixConfig, format_report, run_prefix
 

@@ -285,6 +285,27 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
 
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Shrink the request's table to `num_tokens` tokens (speculative decoding: the rejected drafts' slots).
+
+        Blocks past the last one still needed are released to the *front* of the free queue: they hold
+        nothing worth caching, so they are handed out again before any cached block is evicted. Blocks
+        already in the prefix index are never released here (they hold only verified tokens).
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if num_tokens < len(req.block_hashes) * self.block_size:
+            raise ValueError(f"request {request_id!r}: cannot trim below its {len(req.block_hashes)} cached blocks")
+        keep = self.blocks_needed(num_tokens)
+        while len(req.block_ids) > keep:
+            block = self._blocks[req.block_ids.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block.block_id] = None
+                self._free.move_to_end(block.block_id, last=False)
+        req.num_tokens = min(req.num_tokens, num_tokens)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached key (e.g. after new weights are loaded). Tables and ref counts stay."""
         for block_id in self._index.values():

@@ -11,10 +11,11 @@ import torch
 from thrifty.engine import determinism
 from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
-from thrifty.engine.runner import ModelRunner, StepInput
+from thrifty.engine.runner import ModelRunner, StepInput, Verified
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
 from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
+from thrifty.engine.speculative import SpeculativeConfig, Speculator
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
@@ -38,6 +39,10 @@ class EngineConfig:
     deterministic: bool = False             # same tokens at any batch size and composition (engine/determinism.py)
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
+    speculative: SpeculativeConfig | dict | str | None = None   # speculative decoding; None: off
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.scheduler_policy,
@@ -51,6 +56,7 @@ class Usage:
     completion_tokens: int
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None
+    accepted_tokens: int | None = None      # speculative drafts kept (None: the request did not speculate)
 
 
 @dataclass(slots=True)
@@ -109,6 +115,7 @@ class LLMEngine:
             determinism.check(loaded.dtype, loaded.weights)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
                                   rows_as_decodes=config.deterministic)
+        self.speculator = Speculator(config.speculative) if config.speculative.enabled else None
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()
@@ -186,12 +193,16 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         self.block_manager.stats = PrefixCacheStats()
         self.stats = EngineStats()
+        if self.speculator is not None:
+            self.speculator = Speculator(self.config.speculative)
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.last_step_timing = timing = StepTiming()
         started = time.perf_counter()
         watch = Stopwatch(timing)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
         if not plan.num_tokens:
@@ -199,22 +210,38 @@ class LLMEngine:
         batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
                  for rid, n in plan.num_tokens.items()]
         watch.lap("schedule")
+        # prompt rows, for the prefill budget: a decode with drafts is still one decode
         prefilling = [item.seq.num_tokens - item.seq.num_computed_tokens > 1 for item in batch]
         prefill_tokens = sum(item.num_tokens for item, p in zip(batch, prefilling) if p)
-        sampled, samples = self.runner.execute(batch, watch)
+        sampled, samples, verified = self.runner.execute(batch, watch)
+        kept = {v.seq.request_id: v.num_accepted for v in verified}
         for item in batch:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats.prompt_tokens_computed += min(item.num_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += item.num_tokens
-            self.block_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.draft_token_ids:
+                self._roll_back(seq, kept[seq.request_id])
+            else:
+                self.block_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         self._account(plan.total_tokens)
         outputs = self._postprocess(sampled, samples) if samples is not None else []
+        if verified:
+            outputs += self._postprocess_verified(verified)
         watch.lap("postprocess")
         if self.scheduler.prefill_budget is not None:
             decodes = len(batch) - sum(prefilling)
             self.scheduler.prefill_budget.observe(time.perf_counter() - started, prefill_tokens, decodes)
         return outputs
+
+    def _roll_back(self, seq: Sequence, num_accepted: int) -> None:
+        """Forget the KV of the drafts verification rejected: their slots go back to the block manager, and
+        only tokens whose KV the cache now holds (the kept drafts among them) may be hashed for prefix hits."""
+        draft = seq.draft_token_ids
+        seq.num_computed_tokens -= len(draft) - num_accepted
+        self.block_manager.trim(seq.request_id, seq.num_computed_tokens)
+        self.block_manager.cache_full_blocks(seq.request_id, seq.token_ids + draft[:num_accepted],
+                                             seq.num_computed_tokens)
 
     def _account(self, tokens: int) -> None:
         s = self.stats
@@ -245,7 +272,35 @@ class LLMEngine:
             if seq.finished:
                 self.scheduler.finish(seq)
                 self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, token))
+            outputs.append(self._output(seq, [token]))
+        return outputs
+
+    def _postprocess_verified(self, verified: list[Verified]) -> list[RequestOutput]:
+        """Append each sequence's kept drafts and the target's token one at a time, every stop condition checked
+        after each, so nothing past a stop is emitted; one output per sequence with all of its new tokens."""
+        now = time.monotonic()
+        outputs = []
+        for v in verified:
+            seq = v.seq
+            self.speculator.record(seq, len(seq.draft_token_ids), v.num_accepted)
+            seq.draft_token_ids = []
+            new: list[int] = []
+            for token in v.token_ids:
+                new.append(token)
+                seq.output_token_ids.append(token)
+                old_text = seq.text
+                seq.text += seq.detokenizer.add(token)
+                self._check_stop(seq, token, old_text)
+                if seq.finished:
+                    break
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            if seq.finished and not isinstance(seq.stop_reason, str):
+                seq.text += seq.detokenizer.flush()
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self._requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, new))
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int, old_text: str) -> None:
@@ -261,16 +316,17 @@ class LLMEngine:
         elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.status, seq.finish_reason = Status.FINISHED, FinishReason.LENGTH
 
-    def _output(self, seq: Sequence, token: int) -> RequestOutput:
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         visible = len(seq.text) if seq.finished else seq.stop_checker.streamable(seq.text)
         visible = max(visible, seq.num_streamed_chars)
         delta = seq.text[seq.num_streamed_chars:visible]
         seq.num_streamed_chars = visible
         usage = Usage(seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
-                      seq.time_to_first_token(), seq.time_per_output_token())
+                      seq.time_to_first_token(), seq.time_per_output_token(),
+                      seq.spec.num_accepted_tokens if seq.spec is not None else None)
         return RequestOutput(
             seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
-            delta, [token], seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
+            delta, new_tokens, seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
             list(seq.logprobs), usage)
 
 

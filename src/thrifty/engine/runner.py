@@ -12,6 +12,7 @@ import torch
 from thrifty.engine.kv_cache import PagedKVCache
 from thrifty.engine.sampling import Sampler, SamplerOutput
 from thrifty.engine.sequence import Sequence
+from thrifty.engine.speculative import verify_sequences
 from thrifty.engine.step_timing import Stopwatch
 from thrifty.ops.attention_metadata import AttentionMetadata
 from thrifty.ops.forward_context import set_forward_context
@@ -25,8 +26,19 @@ class StepInput:
 
     @property
     def samples(self) -> bool:
-        """True when this step reaches the sequence's last known token, so it yields a new one."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        """True when this step reaches the sequence's last known token (and its drafts), so it yields new ones."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens + len(self.seq.draft_token_ids)
+
+
+@dataclass(slots=True)
+class Verified:
+    """A sequence whose drafts were checked this step: the drafts kept, then one token of the target's."""
+    seq: Sequence
+    token_ids: list[int]
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.token_ids) - 1
 
 
 class ModelRunner:
@@ -36,14 +48,17 @@ class ModelRunner:
         self.rows_as_decodes = rows_as_decodes   # deterministic mode (engine/determinism.py)
         self.block_size = kv_cache.spec.block_size
 
-    def execute(self, batch: list[StepInput], watch: Stopwatch) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one forward over the batch; return the sequences that sampled and their samples, in order."""
+    def execute(self, batch: list[StepInput], watch: Stopwatch
+                ) -> tuple[list[Sequence], SamplerOutput | None, list[Verified]]:
+        """Run one forward over the batch; return the sequences that sampled and their samples, in order, and
+        the sequences with speculative drafts and what verification kept of them."""
         batch = sorted(batch, key=lambda b: b.num_tokens != 1)  # one-token queries first (batched decode path)
         ids: list[int] = []
         positions: list[int] = []
         for item in batch:
             start = item.seq.num_computed_tokens
-            ids.extend(item.seq.token_ids[start:start + item.num_tokens])
+            tokens = item.seq.token_ids + item.seq.draft_token_ids if item.seq.draft_token_ids else item.seq.token_ids
+            ids.extend(tokens[start:start + item.num_tokens])
             positions.extend(range(start, start + item.num_tokens))
         meta = AttentionMetadata.build(
             [b.block_table for b in batch],
@@ -58,7 +73,9 @@ class ModelRunner:
 
         sampling = [b for b in batch if b.samples]
         if not sampling:
-            return [], None
+            return [], None, []
+        if any(b.seq.draft_token_ids for b in sampling):
+            return self._verify(batch, hidden, watch)
         rows, end = [], 0
         for b in batch:
             end += b.num_tokens
@@ -70,4 +87,31 @@ class ModelRunner:
         out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.history for s in seqs])
         watch.lap("sampling")
-        return seqs, out
+        return seqs, out, []
+
+    def _verify(self, batch: list[StepInput], hidden: torch.Tensor, watch: Stopwatch
+                ) -> tuple[list[Sequence], SamplerOutput | None, list[Verified]]:
+        """A step with drafts: logits at the last token and every draft of those sequences, one row elsewhere;
+        plain rows are sampled as usual, drafted ones verified."""
+        plain_rows, spec_rows, end = [], [], 0
+        plain, spec = [], []
+        for b in batch:
+            end += b.num_tokens
+            if not b.samples:
+                continue
+            k = len(b.seq.draft_token_ids)
+            if k:
+                spec_rows.extend(range(end - 1 - k, end))
+                spec.append(b.seq)
+            else:
+                plain_rows.append(end - 1)
+                plain.append(b.seq)
+        logits = self.model.compute_logits(hidden[torch.tensor(plain_rows + spec_rows, device=self.device)])
+        watch.lap("logits")
+        out = None
+        if plain:
+            out = self.sampler.sample(logits[:len(plain)], [s.params for s in plain], [s.generator for s in plain],
+                                      [s.history for s in plain])
+        kept = verify_sequences(self.sampler, logits[len(plain):], spec)
+        watch.lap("sampling")
+        return plain, out, [Verified(seq, tokens) for seq, tokens in zip(spec, kept)]

@@ -63,6 +63,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    speculative: bool = True  # False: never speculate for this request (when the engine does)
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
@@ -90,7 +91,7 @@ class SamplingParams:
             raise _bad("stop_token_ids", f"must be a list of token ids (ints >= 0), got {self.stop_token_ids!r}",
                        "pass a list such as [151645]")
         self.stop_token_ids = list(self.stop_token_ids)
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "speculative"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, f"must be true or false, got {getattr(self, name)!r}", "pass a boolean")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
@@ -323,8 +324,14 @@ def _warp(sub: torch.Tensor, params: Sequence[SamplingParams]) -> list[_Group]:
 def _draw(scores: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One column per row, with probability softmax(scores): inverse CDF in float64 with one uniform
     per row, drawn from the row's own generator where it has one (else from torch's default one)."""
-    m = scores.shape[0]
-    cdf = torch.softmax(scores, dim=1).to(torch.float64).cumsum_(dim=1)
+    return draw_from_probs(torch.softmax(scores, dim=1), generators)
+
+
+def draw_from_probs(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One column per row of probs [m, V] (non-negative, need not sum to 1), by the same inverse CDF as
+    sampling: the speculative verifier draws its corrections with it."""
+    m = probs.shape[0]
+    cdf = probs.to(torch.float64, copy=True).cumsum_(dim=1)  # never the caller's tensor
     u = torch.empty(m, dtype=torch.float64)
     shared = [j for j, g in enumerate(generators) if g is None]
     if shared:

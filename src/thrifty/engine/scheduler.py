@@ -1,7 +1,7 @@
 """Who runs this step, and how many tokens each: the policy. Bookkeeping is the block manager's, compute the runner's.
 
-The output is a plain map {request_id: num_tokens}: a prefill chunk, a decode step (1) and later
-speculative tokens are all the same kind of thing. Three policies:
+The output is a plain map {request_id: num_tokens}: a prefill chunk, a decode step (1) and a decode
+with speculative drafts (1 + the drafts in `seq.draft_token_ids`) are all the same kind of thing. Three policies:
 - continuous: requests join and leave every step. Decodes go first (never starved by prefills); then prompts,
   new ones before the rest of long ones already started, shortest remaining first, in chunks. With
   `max_decode_slowdown` set (a server sets 2.0), a step that decodes prefills only as many prompt tokens as keep
@@ -175,10 +175,15 @@ class Scheduler:
         """Take blocks for this step's tokens of `seq`; the number of tokens, or None when blocks ran out."""
         first = not self.blocks.has_request(seq.request_id)
         base = self.blocks.get_prefix_hits(seq.token_ids, seq.extra_key) if first else seq.num_computed_tokens
-        n = min(seq.num_tokens - base, budget)
+        n = min(seq.num_tokens + len(seq.draft_token_ids) - base, budget)
         hits = self.blocks.allocate(seq.request_id, seq.token_ids, n, seq.extra_key)
+        if hits is None and seq.draft_token_ids:    # speculative drafts never cost a preemption
+            seq.draft_token_ids = []
+            return self._allocate(seq, budget)
         if hits is None:
             return None
+        if seq.draft_token_ids:                      # the budget may cut the drafts short
+            del seq.draft_token_ids[max(0, n - seq.num_uncomputed_tokens):]
         if first:
             seq.num_computed_tokens = hits
             if seq.num_preemptions == 0:
@@ -189,6 +194,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

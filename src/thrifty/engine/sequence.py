@@ -5,10 +5,15 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from thrifty.engine.sampling import SamplingParams, TokenHistory
 from thrifty.engine.stop import StopChecker
+
+if TYPE_CHECKING:
+    from thrifty.engine.speculative import SpecState
 
 
 class Status(enum.Enum):
@@ -54,6 +59,8 @@ class Sequence:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed this step, not yet verified (no KV kept)
+    spec: SpecState | None = None                     # speculative decoding's per-request state
 
     def __post_init__(self) -> None:
         self.history = TokenHistory(self.prompt_token_ids, self.output_token_ids)

@@ -18,10 +18,19 @@ class EngineSnapshot:
     prefix_cache_queries: int        # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int
     max_model_len: int
+    spec_num_drafts: int = 0         # speculative decoding (vLLM's spec_decode names): verifications with drafts
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()   # drafts kept at position 0, 1, ... of a proposal
 
     @staticmethod
     def of(engine: LLMEngine) -> EngineSnapshot:
         """Call only where the engine is not stepping (its own thread, or before it runs)."""
         bm, sched = engine.block_manager, engine.scheduler
+        spec = engine.speculator.stats if engine.speculator is not None else None
+        if spec is None:
+            return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_blocks, bm.num_free_blocks,
+                                  bm.stats.queries, bm.stats.hits, engine.max_model_len)
         return EngineSnapshot(len(sched.running), len(sched.waiting), bm.num_blocks, bm.num_free_blocks,
-                              bm.stats.queries, bm.stats.hits, engine.max_model_len)
+                              bm.stats.queries, bm.stats.hits, engine.max_model_len, spec.num_drafts,
+                              spec.num_draft_tokens, spec.num_accepted_tokens, tuple(spec.accepted_per_pos))

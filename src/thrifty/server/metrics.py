@@ -45,6 +45,24 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("thrifty_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   queries)
         yield CounterMetricFamily("thrifty_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
+        yield from _spec_decode_metrics(snaps)
+
+
+def _spec_decode_metrics(snaps: list) -> Iterator:
+    """Speculative decoding counters under vLLM's spec_decode names, summed over the local engines."""
+    yield CounterMetricFamily("thrifty_spec_decode_num_drafts", "Verification steps that checked speculative drafts",
+                              sum(e.spec_num_drafts for e in snaps))
+    yield CounterMetricFamily("thrifty_spec_decode_num_draft_tokens", "Speculative draft tokens proposed",
+                              sum(e.spec_num_draft_tokens for e in snaps))
+    yield CounterMetricFamily("thrifty_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted",
+                              sum(e.spec_num_accepted_tokens for e in snaps))
+    per_pos = CounterMetricFamily("thrifty_spec_decode_num_accepted_tokens_per_pos",
+                                  "Speculative draft tokens accepted, by position in the draft", labels=["position"])
+    width = max((len(e.spec_accepted_per_pos) for e in snaps), default=0)
+    for pos in range(width):
+        per_pos.add_metric([str(pos)], sum(e.spec_accepted_per_pos[pos] for e in snaps
+                                           if pos < len(e.spec_accepted_per_pos)))
+    yield per_pos
 
 
 class _CostCollector(Collector):
