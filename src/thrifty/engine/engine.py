@@ -210,9 +210,8 @@ class LLMEngine:
         batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
                  for rid, n in plan.num_tokens.items()]
         watch.lap("schedule")
-        # prompt rows, for the prefill budget: a decode with drafts is still one decode
-        prefilling = [item.seq.num_tokens - item.seq.num_computed_tokens > 1 for item in batch]
-        prefill_tokens = sum(item.num_tokens for item, p in zip(batch, prefilling) if p)
+        prefill_budget = self.scheduler.prefill_budget
+        rows = _prompt_and_decode_rows(batch) if prefill_budget is not None else None
         sampled, samples, verified = self.runner.execute(batch, watch)
         kept = {v.seq.request_id: v.num_accepted for v in verified}
         for item in batch:
@@ -229,9 +228,8 @@ class LLMEngine:
         if verified:
             outputs += self._postprocess_verified(verified)
         watch.lap("postprocess")
-        if self.scheduler.prefill_budget is not None:
-            decodes = len(batch) - sum(prefilling)
-            self.scheduler.prefill_budget.observe(time.perf_counter() - started, prefill_tokens, decodes)
+        if rows is not None:
+            prefill_budget.observe(time.perf_counter() - started, *rows)
         return outputs
 
     def _roll_back(self, seq: Sequence, num_accepted: int) -> None:
@@ -336,3 +334,14 @@ def _kv_dtype(name: str) -> torch.dtype:
         raise InvalidRequestError(f"unknown kv_cache_dtype '{name}'", f"use auto or one of {', '.join(dtypes)}",
                                   param="kv_cache_dtype")
     return dtypes[name]
+
+
+def _prompt_and_decode_rows(batch: list[StepInput]) -> tuple[int, int]:
+    """(prompt tokens, decoding requests) of a step, before it runs: a decode with drafts is one decode."""
+    prompt = decodes = 0
+    for item in batch:
+        if item.seq.num_tokens - item.seq.num_computed_tokens > 1:
+            prompt += item.num_tokens
+        else:
+            decodes += 1
+    return prompt, decodes

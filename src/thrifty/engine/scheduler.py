@@ -106,7 +106,7 @@ class Scheduler:
             cap = min(budget, self.prefill_budget.tokens())
         if not out.preempted:
             budget, cap = self._admit(out, budget, cap)
-        self._schedule_running(out, budget, [seq for seq in started if seq in self.running], cap)
+        self._schedule_running(out, budget, [seq for seq in started if seq.status is Status.RUNNING], cap)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, queue: list[Sequence], cap: int) -> int:
@@ -114,7 +114,7 @@ class Scheduler:
         in all. Out of blocks: the newest admitted request not yet given tokens this step is preempted."""
         for seq in queue:
             limit = min(budget, cap) if _prefilling(seq) else budget
-            if limit == 0 or seq not in self.running:
+            if limit == 0 or seq.status is not Status.RUNNING:   # preempted earlier in this step
                 continue
             n = self._allocate(seq, limit)
             while n is None:
