@@ -139,6 +139,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import gateway
 
         gateway.add_parser(suites)
+    if "serve" not in suites.choices:
+        from thrifty.bench import serve_command
+
+        serve_command.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -156,6 +160,11 @@ def _run_bench(args: argparse.Namespace) -> None:
         from thrifty.bench.gateway import run as run_gateway
 
         run_gateway(args)
+        return
+    if getattr(args, "bench_command", None) == "serve":
+        from thrifty.bench.serve_command import run as run_serve_bench
+
+        run_serve_bench(args)
         return
     from thrifty.bench.command import run
 
