@@ -1,4 +1,4 @@
-"""Tables and plots that reports share (benchmarks, the cost ledger): markdown tables, matplotlib (Agg backend,
+"""Percentiles, tables and plots that reports share (benchmarks, the cost ledger, the dashboard): markdown tables,
 imported only when a plot is asked for)."""
 from __future__ import annotations
 
