@@ -1,5 +1,5 @@
 """Percentiles, tables and plots that reports share (benchmarks, the cost ledger, the dashboard): markdown tables,
-imported only when a plot is asked for)."""
+matplotlib (Agg backend, imported only when a plot is asked for)."""
 from __future__ import annotations
 
 from pathlib import Path
