@@ -99,6 +99,9 @@ def test_summary_percentiles_throughput_and_goodput():
     assert row["ttft_ms"]["p99"] == pytest.approx(3000 - 0.04 * 1500)     # linear interpolation
     assert row["tpot_ms"]["p50"] == pytest.approx(100.0) and row["itl_ms"]["p99"] == pytest.approx(100.0)
     assert row["good_requests"] == 3 and row["goodput"] == pytest.approx(0.3)   # TTFT 3 s, TPOT 0.5 s, failed
+    assert row["short_outputs"] == 0
+    ok[0].asked_tokens = 12                                  # it got 11: the server stopped early
+    assert summarize(ok, 1.0)["short_outputs"] == 1
     assert not meets(failed, {"ttft": 1e9}) and row["errors"] == ["HTTP 500"]
     with pytest.raises(ValueError):
         parse_goodput("latency:5")
@@ -155,8 +158,41 @@ def test_bench_serve_against_a_tiny_server(tmp_path, tiny_gguf, capsys):
     report = json.loads((tmp_path / "serve.json").read_text())
     assert [r["request_rate"] for r in report["results"]] == [50.0, float("inf")]
     for r in report["results"]:
-        assert (r["completed"], r["failed"], r["output_tokens"]) == (4, 0, 24)
+        assert (r["completed"], r["failed"], r["output_tokens"], r["short_outputs"]) == (4, 0, 24, 0)
         assert r["good_requests"] == 4 and r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] > 0
         assert r["tpot_ms"]["p50"] > 0 and r["itl_ms"]["p50"] > 0
     assert "api_key" not in report["config"] and (tmp_path / "serve.png").stat().st_size > 0
     assert "TTFT" in capsys.readouterr().out
+
+
+def test_thrifty_server_variants_compose_and_write_a_valid_config(tmp_path, tiny_gguf):
+    from thrifty.bench.serve import ServeConfig
+    from thrifty.bench.serve_peers import thrifty_engine, thrifty_spec
+    from thrifty.config import load_config
+    from thrifty.errors import InvalidRequestError
+    from thrifty.gateway.tiers import check_tiers
+
+    assert thrifty_engine("thrifty") == {}
+    assert thrifty_engine("thrifty+gguf+no-prefill-budget") == {"weights": "gguf", "max_decode_slowdown": None}
+    assert thrifty_engine("thrifty+fast") is None and thrifty_engine("vllm") is None
+    with pytest.raises(InvalidRequestError):
+        ServeConfig("m", DatasetSpec("random", 1), [1.0], serve=["thrifty+fast"])
+    spec = thrifty_spec("thrifty+gguf+no-prefill-budget", str(tiny_gguf), 2, 8123, tmp_path)
+    config = load_config(spec.argv[-1])
+    assert config.engine["weights"] == "gguf" and config.engine["max_decode_slowdown"] is None
+    assert config.engine["num_threads"] == 2 and not config.cache.enabled and config.server.port == 8123
+    check_tiers(config)
+    assert spec.extra_body == {"ignore_eos": True}
+
+
+def test_report_claims_lists_every_claim_and_keeps_to_its_budget(tmp_path, monkeypatch):
+    """A zero budget runs nothing: every claim is listed with the reason it was not measured."""
+    from thrifty.bench import claims
+
+    report = claims.run_claims(0.0, tmp_path)
+    assert [c["key"] for c in report["claims"]] == [c.key for c in claims.CLAIMS]
+    assert all(c["status"] != "measured" and c["status"] for c in report["claims"])
+    paths = claims.write(report, tmp_path)
+    page = paths[0].read_text()
+    assert "exact-cache" in page and "src='http" not in page and 'src="http' not in page   # self-contained
+    assert json.loads(paths[2].read_text())["claims"][0]["key"] == "serving"

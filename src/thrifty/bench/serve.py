@@ -48,10 +48,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if bool(self.base_url) == bool(self.serve):
             raise InvalidRequestError("give --base-url or --serve (not both)", "", param="base_url")
-        unknown = [s for s in self.serve if s not in peers.PEERS]
+        unknown = [s for s in self.serve if s != "llamacpp" and peers.thrifty_engine(s) is None]
         if unknown:
-            raise InvalidRequestError(f"unknown --serve {', '.join(unknown)}", f"one of {', '.join(peers.PEERS)}",
-                                      param="serve")
+            raise InvalidRequestError(f"unknown --serve {', '.join(unknown)}",
+                                      f"llamacpp, or thrifty with any of +{', +'.join(peers.MODIFIERS)}", param="serve")
 
 
 @dataclass(slots=True)
@@ -120,7 +120,8 @@ def _measure_target(cfg: ServeConfig, target: Target, requests: list[ServeReques
         row = {"target": target.name, "request_rate": rate, "burstiness": cfg.burstiness,
                "max_concurrency": cfg.max_concurrency, **summarize(timings, duration, cfg.goodput)}
         print(f"{target.name} rate {rate:g}: {row['completed']}/{len(timings)} done, "
-              f"{row['output_throughput']:.1f} out tok/s, TTFT p99 {row['ttft_ms']['p99'] or 0:.0f} ms",
+              f"{row['output_throughput']:.1f} out tok/s, TTFT p99 {row['ttft_ms']['p99'] or 0:.0f} ms, "
+              f"{row['short_outputs']} stopped before max_tokens",
               file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -142,6 +143,7 @@ async def _run_rate(cfg: ServeConfig, target: Target, requests: list[ServeReques
                 body = request_body(cfg.model, req, target.extra_body)
                 timing = await send(client, target.base_url, body, req.prompt_tokens, cfg.api_key,
                                     time.perf_counter() - start)
+            timing.asked_tokens = req.output_len
             bar.update(1)
             return timing
 
@@ -174,7 +176,7 @@ def format_report(report: dict) -> str:
 
     c, h = report["config"], report["hardware"]
     slo = ", ".join(f"{k} <= {v:g} ms" for k, v in c["goodput"].items()) or "none"
-    rows = [[r["target"], r["request_rate"], f"{r['completed']}/{r['completed'] + r['failed']}",
+    rows = [[r["target"], r["request_rate"], f"{r['completed']}/{r['completed'] + r['failed']}", r["short_outputs"],
              r["request_throughput"], r["output_throughput"],
              r["ttft_ms"]["mean"], r["ttft_ms"]["p50"], r["ttft_ms"]["p99"],
              r["tpot_ms"]["mean"], r["tpot_ms"]["p50"], r["tpot_ms"]["p99"],
@@ -184,7 +186,7 @@ def format_report(report: dict) -> str:
              f"per rate, burstiness {c['burstiness']:g}, max concurrency {c['max_concurrency'] or 'none'}; "
              f"goodput SLO: {slo}",
              f"{h['cpu']}, {h['cores']} cores, {c['threads']} threads per server; {report['date']}", "",
-             markdown_table(["target", "rate req/s", "done", "req/s", "out tok/s", "TTFT mean ms", "p50", "p99",
+             markdown_table(["target", "rate req/s", "done", "short", "req/s", "out tok/s", "TTFT mean ms", "p50", "p99",
                              "TPOT mean ms", "p50", "p99", "ITL p50 ms", "p99", "E2E p50 ms", "p99",
                              "goodput req/s"], rows)]
     if report.get("comparison"):

@@ -25,6 +25,7 @@ class RequestTiming:
     e2el: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    asked_tokens: int | None = None         # max_tokens; a server that stops early is shown, not hidden
     error: str | None = None
 
     @property
@@ -76,6 +77,7 @@ def summarize(timings: list[RequestTiming], duration_s: float, slos: dict[str, f
            "output_tokens": out_tokens,
            "ttft_ms": _ms([t.ttft for t in done]), "tpot_ms": _ms([t.tpot for t in done]),
            "itl_ms": _ms([gap for t in done for gap in t.itls]), "e2el_ms": _ms([t.e2el for t in done])}
+    row["short_outputs"] = sum(t.asked_tokens is not None and t.output_tokens < t.asked_tokens for t in done)
     if slos:
         good = sum(meets(t, slos) for t in timings)
         row["goodput"] = per_s(good)

@@ -23,16 +23,28 @@ import yaml
 
 from thrifty.errors import ThriftyError
 
-# name -> the engine section's changes from `thrifty serve`'s defaults
-THRIFTY_VARIANTS: dict[str, dict] = {
-    "thrifty": {},                                      # `thrifty serve` as it starts: dense bf16 weights
-    "thrifty-int4": {"weights": "int4"},                # the GGUF's weights requantized to int4 groups of 32
-    "thrifty-gguf": {"weights": "gguf"},                # the GGUF's own quantized blocks, as llama.cpp runs them
-    "thrifty-ngram": {"speculative": {"method": "ngram"}},
-    "thrifty-no-prefix-cache": {"enable_prefix_caching": False},
-    "thrifty-no-prefill-budget": {"max_decode_slowdown": None},
+# `thrifty` is `thrifty serve` as it starts (dense bf16 weights, prefill budget 2x, prefix caching, no speculation);
+# each `+modifier` changes one thing in its engine section: `thrifty+gguf+no-prefill-budget`
+MODIFIERS: dict[str, dict] = {
+    "gguf": {"weights": "gguf"},                        # the GGUF's own quantized blocks, as llama.cpp runs them
+    "int4": {"weights": "int4"},                        # the GGUF's weights requantized to int4 groups of 32
+    "ngram": {"speculative": {"method": "ngram"}},
+    "no-prefix-cache": {"enable_prefix_caching": False},
+    "no-prefill-budget": {"max_decode_slowdown": None},  # whole prefill chunks beside decoding streams
 }
-PEERS = (*THRIFTY_VARIANTS, "llamacpp")
+
+
+def thrifty_engine(name: str) -> dict | None:
+    """The engine section's changes of a `thrifty[+modifier...]` name; None for another name."""
+    base, *mods = name.split("+")
+    if base != "thrifty" or any(m not in MODIFIERS for m in mods):
+        return None
+    engine: dict = {}
+    for m in mods:
+        engine.update(MODIFIERS[m])
+    return engine
+
+
 LLAMACPP_SERVER_REQUIREMENTS = ("llama-cpp-python==0.3.36", "sse-starlette==3.7.1", "starlette-context==0.3.6",
                                 "pydantic-settings==2.16.3")
 
@@ -53,7 +65,7 @@ def free_port() -> int:
 
 
 def thrifty_spec(name: str, model: str, threads: int, port: int, workdir: Path) -> ServerSpec:
-    engine = {"num_threads": threads, **THRIFTY_VARIANTS[name]}
+    engine = {"num_threads": threads, **(thrifty_engine(name) or {})}
     config = {"model": model, "engine": engine,
               "server": {"host": "127.0.0.1", "port": port, "log_level": "warning",
                          "ledger_path": str(workdir / f"{name}-ledger.sqlite3")},
@@ -77,10 +89,13 @@ def llamacpp_spec(model_path: Path, model_name: str, threads: int, port: int, st
 
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", model_name,
             "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_threads_batch",
-            str(threads), "--n_ctx", str(n_ctx)]
+            str(threads), "--n_ctx", str(n_ctx),
+            # its default stops the running request whenever another arrives: every request must run to its end
+            "--interrupt_requests", "False"]
     ban = {str(t): -100.0 for t in stop_ids}
     return ServerSpec("llamacpp", argv, {"logit_bias": ban},
                       {"server": "llama_cpp.server", "llama_cpp_python": llama_cpp.__version__, "n_ctx": n_ctx,
+                       "interrupt_requests": False,
                        "note": "llama-cpp-python's server runs one request at a time (no continuous batching)"})
 
 
