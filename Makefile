@@ -7,7 +7,7 @@ MODELS ?= qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
 # Pulled by `make test` only: Gemma 3's tokenizer is tested, the model is not served yet.
 TEST_MODELS ?= gemma-3-270m
 
-.PHONY: install test test-fast serve clean
+.PHONY: install browser test test-fast serve clean
 
 install: $(STAMP)
 	@$(VENV)/bin/thrifty models pull $(MODELS)
@@ -18,7 +18,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
-test: install
+# The dashboard test drives Debian's chromium headless through its chromedriver (no browser download); a fresh
+# machine (CI) gets them here. apt needs root: otherwise say what to run.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "make test: the dashboard test needs chromium and chromedriver; run as root or: sudo apt-get install -y chromium chromium-driver" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: install browser
 	@$(VENV)/bin/thrifty models pull $(TEST_MODELS)
 	$(PY) -m pytest -q
 

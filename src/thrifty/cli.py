@@ -139,6 +139,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import gateway
 
         gateway.add_parser(suites)
+    if "serve" not in suites.choices:
+        from thrifty.bench import serve_command
+
+        serve_command.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -156,6 +160,11 @@ def _run_bench(args: argparse.Namespace) -> None:
         from thrifty.bench.gateway import run as run_gateway
 
         run_gateway(args)
+        return
+    if getattr(args, "bench_command", None) == "serve":
+        from thrifty.bench.serve_command import run as run_serve_bench
+
+        run_serve_bench(args)
         return
     from thrifty.bench.command import run
 
@@ -187,7 +196,11 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="cost and savings from the cost ledger, by tier and overall")
+    p = sub.add_parser("report", help="cost and savings from the cost ledger, by tier and overall; `report claims`: "
+                                      "the seed's claims, measured within a budget")
+    p.add_argument("what", nargs="?", choices=["claims"], help="claims: run the claims' benchmarks (see --out)")
+    p.add_argument("--budget-min", type=float, default=30.0, help="claims: minutes the benchmarks may take")
+    p.add_argument("--out", help="claims: the folder for claims.html / .md / .json (default claims-report)")
     p.add_argument("--since", help="only requests from this ISO 8601 date or time on (e.g. 2025-01-31)")
     p.add_argument("--plot", metavar="FILE.png", help="also plot cost against the baseline")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -197,6 +210,13 @@ def _report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    if args.what == "claims":
+        from thrifty.bench.claims import run_claims, write
+
+        out = args.out or "claims-report"
+        for path in write(run_claims(args.budget_min, out), out):
+            print(f"wrote {path}")
+        return
     from thrifty.bench.report import write_json
     from thrifty.config import load_config
     from thrifty.gateway.ledger import open_ledger, parse_since

@@ -1,11 +1,22 @@
-"""Tables and plots that reports share (benchmarks, the cost ledger): markdown tables, matplotlib (Agg backend,
-imported only when a plot is asked for)."""
+"""Percentiles, tables and plots that reports share (benchmarks, the cost ledger, the dashboard): markdown tables,
+matplotlib (Agg backend, imported only when a plot is asked for)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
 from thrifty.errors import ThriftyError
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]); None for no values."""
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def fmt(value: Any, digits: int = 3) -> str:

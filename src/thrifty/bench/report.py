@@ -6,7 +6,7 @@ from pathlib import Path
 
 from thrifty.reporting import fmt, markdown_table, pyplot as _pyplot, save_figure as _save
 
-__all__ = ["fmt", "markdown_table", "plot_fairness", "plot_prefix", "plot_quant_frontier", "plot_step", "plot_throughput", "write_json"]
+__all__ = ["fmt", "markdown_table", "plot_fairness", "plot_prefix", "plot_quant_frontier", "plot_serve", "plot_step", "plot_throughput", "write_json"]
 
 
 def write_json(path: str | Path, report: dict) -> Path:
@@ -145,5 +145,34 @@ def plot_fairness(report: dict, path: str | Path) -> Path:
     c = report["config"]
     fig.suptitle(f"{report['model']['name']} ({report['model']['weights']}): a {c['long']}-token prompt beside "
                  f"{c['streams']} streams, a {c['short']}-token request every {c['short_every_s']:g} s", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_serve(report: dict, path: str | Path) -> Path:
+    """Against the request rate, one line per server: TTFT p99, TPOT p99, output tokens/s, goodput."""
+    plt = _pyplot()
+    series: dict[str, list[dict]] = {}
+    for r in report["results"]:
+        series.setdefault(r["target"], []).append(r)
+    panels = (("TTFT p99 (ms)", lambda r: r["ttft_ms"]["p99"], True),
+              ("TPOT p99 (ms)", lambda r: r["tpot_ms"]["p99"], True),
+              ("output tokens/s", lambda r: r["output_throughput"], False),
+              ("goodput (req/s)", lambda r: r.get("goodput"), False))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    for ax, (title, value, log) in zip(axes, panels):
+        for name, rows in series.items():
+            rows = sorted(rows, key=lambda r: r["request_rate"])
+            ax.plot([r["request_rate"] for r in rows], [value(r) for r in rows], marker="o", label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("request rate (req/s)")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    c, slo = report["config"], ", ".join(f"{k}<={v:g}ms" for k, v in report["config"]["goodput"].items())
+    fig.suptitle(f"{report['model']} on {report['dataset']['name']} ({c['dataset']['num_prompts']} prompts per rate,"
+                 f" burstiness {c['burstiness']:g}; goodput {slo or '-'}); {report['hardware']['cpu']}, "
+                 f"{c['threads']} threads per server", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)

@@ -9,16 +9,7 @@ from typing import Sequence
 
 import torch
 
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in [0, 100]); None for no values."""
-    xs = sorted(v for v in values if v is not None)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+from thrifty.reporting import percentile  # noqa: F401  (bench modules import it from here)
 
 
 @dataclass(slots=True)

@@ -15,12 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from thrifty.config import CacheSettings, RouterSettings, ServerSettings
 from thrifty.engine.async_engine import AsyncEngine
 from thrifty.errors import ThriftyError
 from thrifty.gateway.gateway import Gateway
+from thrifty.server import dashboard
 from thrifty.server import schemas as s
 from thrifty.server.admission import Admission
 from thrifty.server.errors import error_response, validation_error
@@ -137,6 +138,17 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
         if admission.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> Response:
+        """The live dashboard: a page without data (public), polling the JSON below (which needs the key)."""
+        return HTMLResponse(dashboard.page())
+
+    @app.get("/v1/thrifty/dashboard", responses={401: _ERRORS[401]})
+    async def dashboard_data() -> Response:
+        """What the dashboard shows, cumulative since the start: traffic, latency percentiles, engine state,
+        cache and speculation rates, cost."""
+        return JSONResponse(await run_in_threadpool(dashboard.snapshot, stats))
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

@@ -9,8 +9,9 @@ from thrifty.server.api_keys import KeyStore
 from thrifty.server.errors import AuthenticationError, PayloadTooLargeError, error_response
 from thrifty.server.metrics import ServerMetrics
 
-# With an API key set, only health is open (load balancers probe it); metrics and the API docs need the key.
-_PUBLIC_PATHS = ("/health",)
+# With an API key set, only health (load balancers probe it) and the dashboard's page are open: the page holds no
+# data and a browser cannot send a bearer header when it loads one; its data endpoint, metrics and docs need the key.
+_PUBLIC_PATHS = ("/health", "/dashboard")
 
 
 class Guard:
@@ -96,4 +97,5 @@ class Guard:
         return replay, None
 
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/thrifty/report", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/thrifty/report", "/v1/thrifty/dashboard",
+          "/health", "/metrics", "/dashboard")

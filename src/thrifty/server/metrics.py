@@ -5,6 +5,7 @@ Each app has its own registry (no module-level state), served as text at GET /me
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RECENT = 512   # finished requests whose TTFT / TPOT the dashboard's percentiles are taken over
 
 
 class _EngineCollector(Collector):
@@ -147,6 +149,9 @@ class ServerMetrics:
                                                            0.25, 1.0))
         self.cache_similarity = Histogram("thrifty_cache_semantic_similarity", "Cosine of semantic hits",
                                           registry=r, buckets=(0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0))
+        # exact percentiles of the latest requests for the dashboard (the histograms above are for Prometheus)
+        self.recent_ttft: deque[float] = deque(maxlen=RECENT)
+        self.recent_tpot: deque[float] = deque(maxlen=RECENT)
         r.register(_EngineCollector(gateway, num_waiting))
         r.register(_CacheCollector(gateway))
         r.register(_CostCollector(gateway))
@@ -158,8 +163,10 @@ class ServerMetrics:
         self.completion_tokens.inc(u.completion_tokens)
         if u.time_to_first_token_s is not None:
             self.ttft.observe(u.time_to_first_token_s)
+            self.recent_ttft.append(u.time_to_first_token_s)
         if u.time_per_output_token_s is not None:
             self.tpot.observe(u.time_per_output_token_s)
+            self.recent_tpot.append(u.time_per_output_token_s)
         self.e2e.observe(duration_s)
 
     def observe_reply(self, reply: Reply) -> None:
