@@ -111,3 +111,15 @@ def test_held_kv_is_bounded_on_long_decodes(gemma):
         peak_local = max(peak_local, local.num_held_blocks)
     assert peak_local <= window_blocks(WINDOW, BS)
     assert held_kv_bytes(eng.block_manager, eng.kv_cache) == 0
+
+
+def test_window_bench_reports_held_kv_and_identical_outputs(gemma):
+    from thrifty.bench.window import run_window_bench, summary
+
+    report = run_window_bench(str(gemma), context=96, output_len=8, dtype="float32", block_size=BS,
+                              max_num_batched_tokens=20, log=lambda m: None)
+    assert report["outputs_identical"]
+    assert report["unbounded_held_vs_full_attention"] == 1.0
+    # 2 of 4 layers global, the local ones a window's worth of 96 tokens
+    assert 0.5 < report["held_vs_full_attention"] < 0.5 + 0.5 * window_blocks(WINDOW, BS) * BS / 96 + 1e-9
+    assert "held KV MiB" in summary(report)
