@@ -83,4 +83,15 @@ def test_real_gemma_matches_transformers_past_the_window():
     from thrifty.models.gguf_file import GGUFFile
 
     ids = Tokenizer.from_gguf(GGUFFile(path)).encode(text)[:620]
-    assert greedy(ours, config, ids, 16) == hf_greedy(hf, ids, 16)
+    expected = hf_greedy(hf, ids, 16)
+    assert greedy(ours, config, ids, 16) == expected
+    # the engine, local layers freeing the blocks that left the window, chunked prefill
+    from thrifty.engine.engine import EngineConfig, LLMEngine
+    from thrifty.engine.kv_groups import GroupedBlockManager
+    from thrifty.engine.sampling import SamplingParams
+    from thrifty.models.loader import load
+
+    engine = LLMEngine(load(path, "float32", weights="fp32"), EngineConfig(dtype="float32", max_num_batched_tokens=256))
+    assert isinstance(engine.block_manager, GroupedBlockManager)
+    out = engine.run([ids], [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)])
+    assert out[0].token_ids == expected
