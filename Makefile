@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.thrifty-installed
 MODELS ?= qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
-# Pulled by `make test` only: Gemma 3's tokenizer is tested, the model is not served yet.
+# Pulled by `make test` (its tests compare Gemma 3 with transformers); it serves too (`--model gemma-3-270m`),
+# but `make install` leaves it out: the default server runs the Qwen coder.
 TEST_MODELS ?= gemma-3-270m
 
 .PHONY: install browser test test-fast serve clean

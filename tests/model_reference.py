@@ -41,6 +41,30 @@ def load_hf(path: Path):
     return model
 
 
+def load_hf_gemma3(path: Path, sliding_window: int | None = None):
+    """transformers' Gemma3ForCausalLM built from the same dequantized float32 weights (norms as HF stores
+    them, weight - 1); `sliding_window` overrides the file's."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gguf = GGUFFile(path)
+    c = gguf.model_config()
+    hf_config = Gemma3TextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        query_pre_attn_scalar=int(c.query_pre_attn_scalar), sliding_window=sliding_window or c.sliding_window,
+        sliding_window_pattern=c.sliding_window_pattern, final_logit_softcapping=c.final_logit_softcapping,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}},
+        tie_word_embeddings=True, attn_implementation="eager")
+    model = Gemma3ForCausalLM(hf_config).float().eval()
+    missing, unexpected = model.load_state_dict(dict(hf_weights(gguf, c)), strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in m for m in missing), missing
+    model.tie_weights()
+    return model
+
+
 class SingleSequence:
     """Runs a model over one growing sequence with a paged KV cache whose blocks are deliberately shuffled."""
 

@@ -238,6 +238,25 @@ def test_bad_arguments() -> None:
         bm.cache_full_blocks("a", list(range(8)), 8)
 
 
+def test_window_drops_blocks_and_hits_need_only_the_window() -> None:
+    bm = BlockManager(num_blocks=16, block_size=BS, window=6)
+    tokens = list(range(100, 125))                     # 25 tokens: 7 blocks
+    assert prefill(bm, "a", tokens) == 0
+    # the next query (position 25) sees 20..25: block 5 on; blocks 0-4 went back to the pool
+    assert bm.first_needed_block(25) == 5
+    assert bm.block_table("a")[:5] == [bm.null_block] * 5 and bm.null_block not in bm.block_table("a")[5:]
+    assert bm.num_held_blocks == 2
+    bm.free("a")
+    assert bm.num_free_blocks == bm.num_blocks
+    # a hit needs blocks 4..5 for a 24-token prefix (next query at 24 sees 19..24); all are still cached
+    assert bm.allocate("b", tokens, 1) == 24
+    assert bm.block_table("b")[:4] == [bm.null_block] * 4 and bm.num_held_blocks == 3
+    # keys forgotten: nothing hits
+    bm.free("b")
+    bm.reset_prefix_cache()
+    assert bm.get_prefix_hits(tokens) == 0
+
+
 # ------------------------------------------------------------------------------ state machine
 
 ALPHABET = st.integers(0, 1)  # tiny, so random tails collide too
@@ -269,9 +288,11 @@ class Req:
 class BlockManagerMachine(RuleBasedStateMachine):
     """Drives the manager like a scheduler + runner would, with a model of what KV each block holds."""
 
+    WINDOW: int | None = None   # the sliding-window machine below sets one
+
     def __init__(self) -> None:
         super().__init__()
-        self.bm = BlockManager(num_blocks=12, block_size=BS)
+        self.bm = BlockManager(num_blocks=12, block_size=BS, window=self.WINDOW)
         self.next_id = 0
         self.live: dict[str, Req] = {}
         self.seen: list[list[int]] = []  # every prompt added, for repeats
@@ -291,7 +312,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
         Few blocks make exhaustion and eviction common; some prompts never fit at all.
         """
-        self.bm = BlockManager(num_blocks=num_blocks, block_size=BS)
+        self.bm = BlockManager(num_blocks=num_blocks, block_size=BS, window=self.WINDOW)
         self.add_request(prefix, tail, None)
         rid, r = "r0", self.live["r0"]
         if not self._prefill(rid, r, len(r.tokens)):
@@ -391,7 +412,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert snapshot(self.bm) == before
             # ... and it failed only for want of blocks (hit blocks leaving the free queue count too).
             held = self.bm.block_table(rid) if r.started else self._hit_blocks(r)
-            revived = sum(1 for b in held if self.bm._blocks[b].ref_count == 0)
+            revived = sum(1 for b in held if b != self.bm.null_block and self.bm._blocks[b].ref_count == 0)
             assert self.bm.blocks_needed(base + num_new) - len(held) + revived > self.bm.num_free_blocks
             return False
         if not r.started:
@@ -400,7 +421,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 event("hit capped below a block-aligned prompt")
             assert self.bm.num_cached_tokens(rid) == result
             table = self.bm.block_table(rid)
+            first = self.bm.first_needed_block(result)
             for i in range(result // BS):
+                if i < first:   # a window hit needs only the blocks the next query sees
+                    assert table[i] == self.bm.null_block
+                    continue
                 # The heart of prefix caching: a hit must hold KV of exactly this prefix.
                 assert self.kv[table[i]] == (r.extra, tuple(r.tokens[: (i + 1) * BS]))
             if result:
@@ -424,6 +449,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         end = min(r.covered, len(r.tokens))
         for pos in range(r.computed, end):
             block_id = table[pos // BS]
+            assert block_id != self.bm.null_block, "a new token's KV would go to the null block"
             # Copy-on-write safety: never write into a block another table shares.
             assert self.bm._blocks[block_id].ref_count == 1
             block_end = (pos // BS + 1) * BS
@@ -435,6 +461,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if do_cache:
             hashed, indexed = len(self.bm._requests[rid].block_hashes), len(self.bm._index)
             self.bm.cache_full_blocks(rid, r.tokens, end)
+            self._check_window(rid, end)
             if len(self.bm._index) - indexed < len(self.bm._requests[rid].block_hashes) - hashed:
                 event("duplicate block left out of the index")
 
@@ -451,6 +478,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(self.bm.block_table(rid)) == self.bm.blocks_needed(r.covered)
         return True
 
+    def _check_window(self, rid: str, computed: int) -> None:
+        """Once a step is cached, exactly the blocks before the next query's window are dropped."""
+        table = self.bm.block_table(rid)
+        first = self.bm.first_needed_block(computed)
+        assert all(b == self.bm.null_block for b in table[:first])
+        assert self.bm.null_block not in table[first:]
+        if self.WINDOW is not None and first:
+            event("blocks dropped out of the window")
+
     def _check_all_free(self) -> None:
         assert self.bm.num_free_blocks == self.bm.num_blocks
         assert self.bm.usage == 0.0
@@ -466,8 +502,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(free) == len(bm._free)
         holders: dict[int, int] = {}
         for req in bm._requests.values():
-            assert len(set(req.block_ids)) == len(req.block_ids), "a block twice in one table"
-            for b in req.block_ids:
+            held = [b for b in req.block_ids if b != bm.null_block]
+            assert len(set(held)) == len(held), "a block twice in one table"
+            assert req.block_ids[:req.num_dropped] == [bm.null_block] * req.num_dropped
+            for b in held:
                 holders[b] = holders.get(b, 0) + 1
         assert not free & holders.keys(), "a block both free and held"
         for block in bm._blocks:
@@ -507,3 +545,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+class WindowBlockManagerMachine(BlockManagerMachine):
+    """The same books with a 6-token sliding window (not a multiple of the block): blocks leave the tables as
+    requests grow, and prefix hits keep only the blocks the next query sees."""
+
+    WINDOW = 6
+
+
+TestWindowBlockManagerMachine = WindowBlockManagerMachine.TestCase
+TestWindowBlockManagerMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)

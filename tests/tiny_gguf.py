@@ -147,6 +147,16 @@ class TinySpec:
     seed: int = 0
     norm_spread: float = 0.0     # > 0: norm weights times exp(spread * N(0, 1)), outlier channels as in LLMs
     file_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
+    sliding_window: int | None = None       # gemma3: the local layers' window
+    sliding_window_pattern: int = 6          # gemma3: every Nth layer global
+
+
+def tiny_gemma3(**overrides) -> TinySpec:
+    """A Gemma 3 of 4 layers, local / global alternating, with an 8-token window: prompts of a few dozen tokens
+    span many windows."""
+    return TinySpec(**{"architecture": "gemma3", "num_layers": 4, "num_kv_heads": 1, "rope_theta": 1e6,
+                       "tie_word_embeddings": True, "attention_bias": False, "sliding_window": 8,
+                       "sliding_window_pattern": 2, **overrides})
 
 
 def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
@@ -180,6 +190,9 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.add_pad_token_id(tokens.index("<|endoftext|>"))
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
+    if arch == "gemma3":
+        w.add_sliding_window(spec.sliding_window)
+        w.add_uint32("gemma3.attention.sliding_window_pattern", spec.sliding_window_pattern)
 
     def tensor(name: str, *shape: int, scale: float = 0.08, around: float = 0.0) -> None:
         data = (around + scale * rng.standard_normal(shape)).astype(np.float32)
@@ -205,6 +218,10 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
             tensor(p + "attn_v.bias", kv, scale=0.1)
         tensor(p + "attn_output.weight", h, h)
         tensor(p + "ffn_norm.weight", h, scale=0.1, around=1.0)
+        if arch == "gemma3":  # llama.cpp's converter stores Gemma's norms as 1 + weight, hence around 1
+            for norm, size in (("attn_q_norm", head_dim), ("attn_k_norm", head_dim), ("post_attention_norm", h),
+                               ("post_ffw_norm", h)):
+                tensor(p + norm + ".weight", size, scale=0.1, around=1.0)
         tensor(p + "ffn_gate.weight", spec.intermediate_size, h)
         tensor(p + "ffn_up.weight", spec.intermediate_size, h)
         tensor(p + "ffn_down.weight", h, spec.intermediate_size)

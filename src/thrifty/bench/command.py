@@ -126,6 +126,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--no-progress", dest="progress", action="store_false")
 
+    w = bsub.add_parser("window", help="KV held by a sliding-window model at a long context, freeing blocks that "
+                                       "left the window vs an unbounded cache, and their outputs")
+    w.add_argument("--model", required=True, help="a model with sliding-window layers, e.g. gemma-3-270m")
+    w.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    w.add_argument("--context", type=int, default=8192, help="prompt + output tokens (default 8192)")
+    w.add_argument("--output-len", type=int, default=32, help="greedy tokens after the prompt (default 32)")
+    w.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    w.add_argument("--weights", default="auto", help="weight format (as for the other benchmarks)")
+    w.add_argument("--block-size", type=int, default=16)
+    w.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (default 2048)")
+    w.add_argument("--threads", type=int, default=None)
+
 
 def run(args: argparse.Namespace) -> None:
     from thrifty.bench import report as rep
@@ -196,9 +208,23 @@ def run(args: argparse.Namespace) -> None:
                                                    args.threads, args.progress))
         print(format_report(report))
         plot = None
+    elif args.bench_command == "window":
+        import sys
+
+        import torch
+
+        from thrifty.bench.window import run_window_bench, summary
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = run_window_bench(args.model, args.context, args.output_len, args.dtype, args.weights,
+                                  args.block_size, args.max_num_batched_tokens,
+                                  log=lambda m: print(m, file=sys.stderr))
+        print(summary(report))
+        plot = None
     else:  # pragma: no cover (argparse requires one)
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
     if args.json:
         print(f"\nwrote {rep.write_json(args.json, report)}")
-    if args.plot and plot is not None:
+    if getattr(args, "plot", None) and plot is not None:
         print(f"wrote {plot(report, args.plot)}")

@@ -11,6 +11,14 @@ block). A later request whose prompt starts with the same blocks reuses them ins
 LRU eviction comes for free: a block whose ref count drops to 0 goes to the *end* of the free queue but
 keeps its hash, so it can still be hit. New blocks are taken from the *front*, and only then is the hash
 dropped. The free queue order is therefore the eviction order, least recently freed first.
+
+Sliding windows. A manager built with `window` keeps the blocks of layers that attend only to the last
+`window` tokens (Gemma 3's local layers; engine/kv_groups.py gives them their own manager and KV tensors).
+Once a step's tokens are computed, blocks wholly before the window of the next query are released (to the
+free queue's end, keeping their keys: LRU as above) and their table entries point at `null_block`, one extra
+block past the pool that is never written and never read unmasked. A request then holds at most
+window + one block (plus the chunk a step is computing). A prefix hit on such a manager needs only the blocks
+that cover the window before the hit point; earlier ones come back as `null_block`.
 """
 from __future__ import annotations
 
@@ -120,19 +128,38 @@ class _RequestBlocks:
     # Chain hash of each full block hashed so far (hits, then cached ones), in table order. It includes
     # duplicates that stayed out of the index, because later blocks chain from them all the same.
     block_hashes: list[BlockHash] = field(default_factory=list)
+    # Leading table entries released out of the sliding window (they point at the null block).
+    num_dropped: int = 0
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What an allocate() would do, decided before anything changes."""
+
+    req: _RequestBlocks | None
+    hit_ids: list[int]
+    hit_hashes: list[BlockHash]
+    num_tokens: int
+    num_fresh: int
 
 
 class BlockManager:
-    """Books for a paged KV cache of `num_blocks` blocks of `block_size` token slots each."""
+    """Books for a paged KV cache of `num_blocks` blocks of `block_size` token slots each (and, with a sliding
+    `window`, the null block `num_blocks` besides: the KV tensors then hold num_blocks + 1 blocks)."""
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
+                 window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
+        self.null_block: int | None = num_blocks if window is not None else None
         self.stats = PrefixCacheStats()
         self._blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, front = next to hand out (= next to evict). OrderedDict for O(1)
@@ -181,7 +208,23 @@ class BlockManager:
 
         Lets a scheduler size the first chunk as `prompt_len - hits` before allocating.
         """
-        return len(self._match_prefix(token_ids, extra_key)[0]) * self.block_size
+        return self.cached_prefix_blocks(token_ids, extra_key) * self.block_size
+
+    def cached_prefix_blocks(self, token_ids: Sequence[int], extra_key: str | None = None,
+                             max_blocks: int | None = None) -> int:
+        """Blocks a first allocate() with `max_hit_blocks=max_blocks` would take from the prefix cache now."""
+        return len(self._match_prefix(token_ids, extra_key, max_blocks)[0])
+
+    def first_needed_block(self, num_tokens: int) -> int:
+        """Table index of the oldest block the next query (at position num_tokens) may attend to."""
+        if self.window is None:
+            return 0
+        return max(0, num_tokens - self.window + 1) // self.block_size
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks some request holds now (the KV memory in use)."""
+        return self.num_blocks - len(self._free)
 
     # ----------------------------------------------------------------------------------- updates
 
@@ -192,20 +235,34 @@ class BlockManager:
         num_new_tokens: int,
         extra_key: str | None = None,
         num_computed_tokens: int | None = None,
+        max_hit_blocks: int | None = None,
     ) -> int | None:
         """Grow the request's table to cover its computed tokens plus `num_new_tokens`.
 
-        First call (no table yet): look up the prefix cache and take the hit blocks; the base is then the
-        hit tokens. Later calls: the base is the tokens covered by earlier calls, or `num_computed_tokens`
+        First call (no table yet): look up the prefix cache and take the hit blocks (at most `max_hit_blocks`:
+        managers of one model agree on one hit, engine/kv_groups.py); the base is then the hit tokens.
+        Later calls: the base is the tokens covered by earlier calls, or `num_computed_tokens`
         when given (speculative decoding, where rejected draft tokens must not count; ignored on the first
         call). Returns the prefix-hit tokens on the first call, 0 later, or None when the free blocks do
         not suffice, in which case nothing at all has changed.
         """
+        plan = self._plan(request_id, token_ids, num_new_tokens, extra_key, num_computed_tokens, max_hit_blocks)
+        return None if plan is None else self._commit(request_id, plan, token_ids, extra_key)
+
+    def can_allocate(self, request_id: str, token_ids: Sequence[int], num_new_tokens: int,
+                     extra_key: str | None = None, num_computed_tokens: int | None = None,
+                     max_hit_blocks: int | None = None) -> bool:
+        """Whether the same allocate() would succeed now. Changes nothing."""
+        return self._plan(request_id, token_ids, num_new_tokens, extra_key, num_computed_tokens,
+                          max_hit_blocks) is not None
+
+    def _plan(self, request_id: str, token_ids: Sequence[int], num_new_tokens: int, extra_key: str | None,
+              num_computed_tokens: int | None, max_hit_blocks: int | None) -> _Plan | None:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         req = self._requests.get(request_id)
         if req is None:
-            hit_ids, hit_hashes = self._match_prefix(token_ids, extra_key)
+            hit_ids, hit_hashes = self._match_prefix(token_ids, extra_key, max_hit_blocks)
             num_held = len(hit_ids)
             base = num_held * self.block_size
         else:
@@ -215,20 +272,26 @@ class BlockManager:
         num_tokens = base + num_new_tokens
         num_fresh = max(self.blocks_needed(num_tokens) - num_held, 0)
         # Hit blocks that sit in the free queue leave it too, so they compete with fresh blocks.
-        num_revived = sum(1 for b in hit_ids if self._blocks[b].ref_count == 0)
+        num_revived = sum(1 for b in hit_ids if b != self.null_block and self._blocks[b].ref_count == 0)
         if num_fresh + num_revived > len(self._free):
             return None
+        return _Plan(req, hit_ids, hit_hashes, num_tokens, num_fresh)
 
-        # From here on nothing can fail: commit. Hits first, so taking fresh blocks cannot evict them.
+    def _commit(self, request_id: str, plan: _Plan, token_ids: Sequence[int], extra_key: str | None) -> int:
+        # Nothing can fail from here on. Hits first, so taking fresh blocks cannot evict them.
+        req = plan.req
         if req is None:
-            for block_id in hit_ids:
-                self._ref(block_id)
+            for block_id in plan.hit_ids:
+                if block_id != self.null_block:
+                    self._ref(block_id)
+            base = len(plan.hit_ids) * self.block_size
             req = _RequestBlocks(
-                block_ids=list(hit_ids),
+                block_ids=list(plan.hit_ids),
                 num_tokens=0,
                 num_cached_tokens=base,
                 extra_key=extra_key,
-                block_hashes=hit_hashes,
+                block_hashes=plan.hit_hashes,
+                num_dropped=sum(1 for b in plan.hit_ids if b == self.null_block),
             )
             self._requests[request_id] = req
             if self.enable_prefix_caching:
@@ -237,20 +300,27 @@ class BlockManager:
             result = base
         else:
             result = 0
-        req.block_ids.extend(self._take_free_block() for _ in range(num_fresh))
-        req.num_tokens = num_tokens
+        req.block_ids.extend(self._take_free_block() for _ in range(plan.num_fresh))
+        req.num_tokens = plan.num_tokens
         return result
 
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Index every block of the request that became full once `num_computed_tokens` have KV.
+        """Index every block of the request that became full once `num_computed_tokens` have KV; with a
+        sliding window, then release the blocks the next query can no longer see.
 
         Call after the model step that computed them. If another block already holds the same key,
         that one stays the cached copy and this duplicate stays out of the index (it is freed plainly).
         Unknown requests are ignored (an abort may have raced with the step).
         """
         req = self._requests.get(request_id)
-        if req is None or not self.enable_prefix_caching:
+        if req is None:
             return
+        if self.enable_prefix_caching:
+            self._index_full_blocks(request_id, req, token_ids, num_computed_tokens)
+        self._drop_outside_window(req, min(num_computed_tokens, req.num_tokens))
+
+    def _index_full_blocks(self, request_id: str, req: _RequestBlocks, token_ids: Sequence[int],
+                           num_computed_tokens: int) -> None:
         bs = self.block_size
         num_full = min(num_computed_tokens, len(token_ids)) // bs
         if num_full > len(req.block_ids):
@@ -264,11 +334,30 @@ class BlockManager:
             key_extra = req.extra_key if i == 0 else None
             block_hash = hash_block_tokens(parent, tokens, key_extra)
             req.block_hashes.append(block_hash)
-            block = self._blocks[req.block_ids[i]]
+            block = self._blocks[req.block_ids[i]]   # never the null block: hashing comes before dropping
             if block_hash not in self._index and block.block_hash is None:
                 block.set_key(block_hash, parent, tokens, key_extra)
                 self._index[block_hash] = block.block_id
             parent = block_hash
+
+    def _drop_outside_window(self, req: _RequestBlocks, num_computed_tokens: int) -> None:
+        """Release the leading blocks no query from position `num_computed_tokens` on attends to."""
+        keep_from = min(self.first_needed_block(num_computed_tokens), len(req.block_ids))
+        for i in range(req.num_dropped, keep_from):
+            self._release(req.block_ids[i])
+            req.block_ids[i] = self.null_block
+        req.num_dropped = max(req.num_dropped, keep_from)
+
+    def _release(self, block_id: int, front: bool = False) -> None:
+        """Drop one reference; an unreferenced block joins the free queue (at the front: nothing worth caching)."""
+        if block_id == self.null_block:
+            return
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if front:
+                self._free.move_to_end(block_id, last=False)
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks; cached ones stay findable until handed out again.
@@ -280,10 +369,7 @@ class BlockManager:
         if req is None:
             return
         for block_id in reversed(req.block_ids):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._release(block_id)
 
     def trim(self, request_id: str, num_tokens: int) -> None:
         """Shrink the request's table to `num_tokens` tokens (speculative decoding: the rejected drafts' slots).
@@ -299,11 +385,8 @@ class BlockManager:
             raise ValueError(f"request {request_id!r}: cannot trim below its {len(req.block_hashes)} cached blocks")
         keep = self.blocks_needed(num_tokens)
         while len(req.block_ids) > keep:
-            block = self._blocks[req.block_ids.pop()]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block.block_id] = None
-                self._free.move_to_end(block.block_id, last=False)
+            self._release(req.block_ids.pop(), front=True)
+        req.num_dropped = min(req.num_dropped, len(req.block_ids))
         req.num_tokens = min(req.num_tokens, num_tokens)
 
     def reset_prefix_cache(self) -> None:
@@ -315,9 +398,11 @@ class BlockManager:
     # ---------------------------------------------------------------------------------- internals
 
     def _match_prefix(
-        self, token_ids: Sequence[int], extra_key: str | None
+        self, token_ids: Sequence[int], extra_key: str | None, max_blocks: int | None = None
     ) -> tuple[list[int], list[BlockHash]]:
-        """Longest run of cached full blocks that prefixes `token_ids`: (block ids, chain hashes).
+        """Longest run of cached full blocks that prefixes `token_ids`: (block ids, chain hashes), at most
+        `max_blocks`. With a window, the longest prefix whose blocks the next query sees are all cached (the
+        ones before come back as the null block).
 
         Never includes the block holding the last token: the model must compute at least one token to
         produce logits for the next one.
@@ -325,21 +410,28 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return [], []
         bs = self.block_size
-        max_blocks = max(len(token_ids) - 1, 0) // bs
-        block_ids: list[int] = []
+        limit = max(len(token_ids) - 1, 0) // bs
+        limit = limit if max_blocks is None else min(limit, max_blocks)
+        found: list[int | None] = []   # the cached block of each prefix block, None where none is
         hashes: list[BlockHash] = []
         parent: BlockHash | None = None
-        for i in range(max_blocks):
+        for i in range(limit):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             key_extra = extra_key if i == 0 else None
             block_hash = hash_block_tokens(parent, tokens, key_extra)
             block_id = self._index.get(block_hash)
-            if block_id is None or not self._blocks[block_id].matches(parent, tokens, key_extra):
+            if block_id is not None and not self._blocks[block_id].matches(parent, tokens, key_extra):
+                block_id = None
+            if block_id is None and self.window is None:
                 break
-            block_ids.append(block_id)
+            found.append(block_id)
             hashes.append(block_hash)
             parent = block_hash
-        return block_ids, hashes
+        n = len(found)
+        while n and any(b is None for b in found[self.first_needed_block(n * bs):n]):
+            n -= 1
+        first = self.first_needed_block(n * bs)
+        return [self.null_block if i < first else found[i] for i in range(n)], hashes[:n]
 
     def _ref(self, block_id: int) -> None:
         """Add a reference to a (hit) block, taking it out of the free queue if it was there."""

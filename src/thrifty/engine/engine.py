@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from thrifty.engine import determinism
-from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
-from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
+from thrifty.engine.block_manager import PrefixCacheStats
+from thrifty.engine import kv_groups
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
@@ -40,6 +40,8 @@ class EngineConfig:
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
     speculative: SpeculativeConfig | dict | str | None = None   # speculative decoding; None: off
+    free_window_blocks: bool = True         # sliding-window layers free blocks that left their window (False:
+                                            # they keep every block, the unbounded reference; engine/kv_groups.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
@@ -105,10 +107,12 @@ class LLMEngine:
         self.config, self.loaded = config, loaded
         self.tokenizer = loaded.tokenizer
         kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _kv_dtype(config.kv_cache_dtype)
-        spec = KVCacheSpec.from_budget(loaded.config, config.kv_cache_memory, config.block_size, kv_dtype,
-                                       config.num_kv_blocks)
-        self.kv_cache = PagedKVCache(spec, loaded.device)
-        self.block_manager = BlockManager(spec.num_blocks, config.block_size, config.enable_prefix_caching)
+        groups = kv_groups.kv_groups(loaded.config, config.free_window_blocks)
+        specs = kv_groups.group_specs(loaded.config, groups, config.kv_cache_memory, config.block_size, kv_dtype,
+                                      config.num_kv_blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = specs[0]
+        self.kv_cache, self.block_manager = kv_groups.build(loaded.config, groups, specs,
+                                                            config.enable_prefix_caching, loaded.device)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         if config.deterministic:
@@ -207,7 +211,8 @@ class LLMEngine:
         self.stats.preemptions += len(plan.preempted)
         if not plan.num_tokens:
             return []
-        batch = [StepInput(self._requests[rid], n, self.block_manager.block_table(rid))
+        tables = getattr(self.block_manager, "block_tables", None)
+        batch = [StepInput(self._requests[rid], n, tables(rid) if tables else [self.block_manager.block_table(rid)])
                  for rid, n in plan.num_tokens.items()]
         watch.lap("schedule")
         prefill_budget = self.scheduler.prefill_budget

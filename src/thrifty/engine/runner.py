@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from thrifty.engine.kv_cache import PagedKVCache
+from thrifty.engine.kv_groups import GroupedKVCache
 from thrifty.engine.sampling import Sampler, SamplerOutput
 from thrifty.engine.sequence import Sequence
 from thrifty.engine.speculative import verify_sequences
@@ -22,7 +23,7 @@ from thrifty.ops.forward_context import set_forward_context
 class StepInput:
     seq: Sequence
     num_tokens: int
-    block_table: list[int]
+    block_tables: list[list[int]]     # one per KV group (engine/kv_groups.py); one for most models
 
     @property
     def samples(self) -> bool:
@@ -42,11 +43,12 @@ class Verified:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, sampler: Sampler,
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache | GroupedKVCache, sampler: Sampler,
                  device: torch.device, rows_as_decodes: bool = False) -> None:
         self.model, self.kv_cache, self.sampler, self.device = model, kv_cache, sampler, device
         self.rows_as_decodes = rows_as_decodes   # deterministic mode (engine/determinism.py)
         self.block_size = kv_cache.spec.block_size
+        self.layer_group = getattr(kv_cache, "layer_group", None)   # KV group of each layer; None: one group
 
     def execute(self, batch: list[StepInput], watch: Stopwatch
                 ) -> tuple[list[Sequence], SamplerOutput | None, list[Verified]]:
@@ -60,11 +62,12 @@ class ModelRunner:
             tokens = item.seq.token_ids + item.seq.draft_token_ids if item.seq.draft_token_ids else item.seq.token_ids
             ids.extend(tokens[start:start + item.num_tokens])
             positions.extend(range(start, start + item.num_tokens))
-        meta = AttentionMetadata.build(
-            [b.block_table for b in batch],
-            [b.seq.num_computed_tokens + b.num_tokens for b in batch],
-            [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers, self.device,
-            rows_as_decodes=self.rows_as_decodes)
+        context_lens = [b.seq.num_computed_tokens + b.num_tokens for b in batch]
+        metas = [AttentionMetadata.build([b.block_tables[g] for b in batch], context_lens,
+                                         [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers,
+                                         self.device, rows_as_decodes=self.rows_as_decodes)
+                 for g in range(len(batch[0].block_tables))]
+        meta = metas[0] if self.layer_group is None else [metas[g] for g in self.layer_group]
         ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
         watch.lap("inputs")
         with set_forward_context(meta):

@@ -9,6 +9,35 @@ from typing import Any
 from thrifty.errors import ModelFileError
 
 
+# Gemma 3's template (text parts only), for GGUF files converted without tokenizer.chat_template (the zoo's
+# gemma-3-270m is one): the system message goes before the first user turn, the assistant's role is "model".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = (messages[0]['content'] if messages[0]['content'] is string"
+    " else messages[0]['content'][0]['text']) + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+BUILTIN_TEMPLATES = {"gemma3": GEMMA3_TEMPLATE}
+
+
+def builtin_template(architecture: str | None) -> str | None:
+    """The architecture's own chat template, for files that carry none."""
+    return BUILTIN_TEMPLATES.get(architecture or "")
+
+
 class ChatTemplate:
     """A chat template compiled in jinja2's immutable sandbox, with the helpers Hugging Face templates use."""
 

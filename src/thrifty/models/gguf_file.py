@@ -24,7 +24,7 @@ from thrifty.models.config import ModelConfig
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "gemma3")
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -192,7 +192,7 @@ class GGUFFile:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path.name} is a '{arch or 'unknown'}' model; thrifty runs {', '.join(SUPPORTED_ARCHITECTURES)}",
-                "use a Qwen2 or Llama-family GGUF")
+                "use a Qwen2, Llama-family or Gemma 3 GGUF")
         m = self.metadata
 
         def key(name: str, default: Any = None) -> Any:
@@ -221,7 +221,19 @@ class GGUFFile:
             attention_bias="blk.0.attn_q.bias" in self.tensors,
             sliding_window=m.get(f"{arch}.attention.sliding_window"),
             name=str(m.get("general.name", self.path.stem)),
+            **(self._gemma3_config(hidden, heads) if arch == "gemma3" else {}),
         )
+
+    def _gemma3_config(self, hidden: int, heads: int) -> dict[str, Any]:
+        """What llama.cpp takes as given for Gemma 3 where the file does not say: every 6th layer global, local
+        RoPE base 10,000, queries scaled by head_dim^-1/2 (as transformers' query_pre_attn_scalar for 270M-12B)."""
+        m = self.metadata
+        return {
+            "sliding_window_pattern": int(m.get("gemma3.attention.sliding_window_pattern", 6)),
+            "rope_local_theta": float(m.get("gemma3.rope.freq_base_swa", 10000.0)),
+            "query_pre_attn_scalar": float(m.get("gemma3.attention.key_length", hidden // heads)),
+            "final_logit_softcapping": m.get("gemma3.final_logit_softcapping"),
+        }
 
     def close(self) -> None:
         self._map.close()
@@ -234,16 +246,42 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "a
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                 "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj"}
+# Gemma 3 has four norms per layer: its ffn_norm is the one before the MLP
+_GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm"}
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, architecture: str = "qwen2") -> str | None:
     """'blk.3.attn_q.bias' -> 'model.layers.3.self_attn.q_proj.bias'; None for tensors models do not use."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    layer_names = _GEMMA3_LAYER_NAMES if architecture == "gemma3" else _LAYER_NAMES
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     return None
+
+
+def rope_heads(name: str, config: ModelConfig) -> int | None:
+    """Heads whose rows llama.cpp's converter permuted in this tensor (Llama q and k), else None."""
+    if config.architecture == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_heads
+    if config.architecture == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_kv_heads
+    return None
+
+
+def as_hf_dense(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A dense tensor of the file in Hugging Face's convention: Llama q/k rows unpermuted; Gemma's norms, which
+    llama.cpp's converter stores as 1 + weight, back to weight (the model adds the 1 in float32, as HF does)."""
+    heads = rope_heads(name, config)
+    if heads:
+        return _unpermute_rope(tensor, heads)
+    if config.architecture == "gemma3" and name.endswith("norm.weight"):
+        return tensor - 1.0
+    return tensor
 
 
 def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -255,12 +293,6 @@ def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 def hf_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the file, dequantized to float32, under its Hugging Face name."""
     for name in gguf.tensors:
-        target = hf_name(name)
-        if target is None:
-            continue
-        tensor = gguf.dequantized(name)
-        if config.architecture == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
-            tensor = _unpermute_rope(tensor, config.num_heads)
-        elif config.architecture == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
-            tensor = _unpermute_rope(tensor, config.num_kv_heads)
-        yield target, tensor
+        target = hf_name(name, config.architecture)
+        if target is not None:
+            yield target, as_hf_dense(name, gguf.dequantized(name), config)

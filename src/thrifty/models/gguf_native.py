@@ -142,20 +142,15 @@ def is_linear_weight(hf: str) -> bool:
 
 def hf_native_weights(gguf: GGUFFile, config) -> Iterator[tuple[str, torch.Tensor | QTensor]]:
     """Like gguf_file.hf_weights, but linear weights come as QTensors in the file's own blocks."""
-    from thrifty.models.gguf_file import _unpermute_rope, hf_name
+    from thrifty.models.gguf_file import as_hf_dense, hf_name, rope_heads
 
     for name, info in gguf.tensors.items():
-        target = hf_name(name)
+        target = hf_name(name, config.architecture)
         if target is None:
             continue
-        heads = None
-        if config.architecture == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
-            heads = config.num_heads
-        elif config.architecture == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
-            heads = config.num_kv_heads
         if is_linear_weight(target) and len(info.shape) == 2:
             qt = load_tensor(gguf, name)
+            heads = rope_heads(name, config)
             yield target, _rows_unpermuted(qt, heads) if heads else qt
         else:
-            tensor = gguf.dequantized(name)
-            yield target, _unpermute_rope(tensor, heads) if heads else tensor
+            yield target, as_hf_dense(name, gguf.dequantized(name), config)

@@ -191,7 +191,8 @@ class MergedLinear(Linear):
 
 
 class SwiGLU(nn.Module):
-    """The gated MLP: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+    """The gated MLP: down(act(gate(x)) * up(x)), gate and up in one matmul; act silu (SwiGLU) or, with any
+    other name, gelu with the tanh approximation (GeGLU, Gemma)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu") -> None:
         super().__init__()

@@ -11,7 +11,8 @@ from thrifty.errors import InvalidRequestError
 from thrifty.models import hf_folder
 from thrifty.models.config import ModelConfig
 from thrifty.models.gguf_file import GGUFFile, hf_weights
-from thrifty.models.qwen2 import Qwen2ForCausalLM
+from thrifty.models.causal_lm import CausalLM
+from thrifty.models.registry import model_class
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -19,7 +20,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: Qwen2ForCausalLM
+    model: CausalLM
     config: ModelConfig
     tokenizer: "Tokenizer"  # noqa: F821 (imported lazily)
     path: Path
@@ -70,14 +71,14 @@ def read_checkpoint(path: Path, native: bool = False
 
 
 def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device, spec: "WeightSpec | None" = None) -> Qwen2ForCausalLM:  # noqa: F821
+                device: torch.device, spec: "WeightSpec | None" = None) -> CausalLM:  # noqa: F821
     if spec is not None and spec.quantized:
         from thrifty.models.quantized import build_quantized
 
-        return build_quantized(Qwen2ForCausalLM, config, weights, dtype, device, spec)
+        return build_quantized(model_class(config), config, weights, dtype, device, spec)
     # Build on the meta device so no throw-away float32 copy of every weight is allocated.
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(weights)
     return model.eval()

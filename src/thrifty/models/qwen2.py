@@ -2,20 +2,18 @@
 
 The forward takes a flat batch of tokens with their positions; the attention layers find the step's metadata
 (slots of a paged KV cache) in the forward context the runner sets, so one call serves any mix of prefill chunks
-and decodes. Weights arrive under Hugging
-Face names; `load_weights` maps them onto the fused qkv and gate|up projections.
+and decodes. Weights arrive under Hugging Face names (models/causal_lm.py maps them onto the fused layers).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 from torch import nn
 
+from thrifty.models.causal_lm import CausalLM
 from thrifty.models.config import ModelConfig
 from thrifty.models.layers import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SwiGLU, rotate_qk
-from thrifty.models.weight_names import fused_name
 from thrifty.ops.attention import paged_attention
 
 
@@ -69,56 +67,11 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
-class Qwen2ForCausalLM(nn.Module):
+class Qwen2ForCausalLM(CausalLM):
     """Also serves plain Llama-family checkpoints (no qkv bias)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Qwen2Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states [T, hidden] for every token of the flat batch."""
-        return self.model(input_ids, positions)
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the model's dtype for the rows asked for (the runner passes only the positions it samples);
-        the sampler makes the one float32 copy it needs."""
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in; every parameter must be filled exactly once."""
-        params = dict(self.named_parameters())
-        if self.config.tie_word_embeddings:
-            params.pop("lm_head.weight")
-        filled: set[str] = set()
-        for name, tensor in weights:
-            target, shard = fused_name(name)
-            if target not in params:
-                if "rotary_emb" in name:
-                    continue
-                raise KeyError(f"unexpected weight {name}")
-            if shard is None:
-                params[target].data.copy_(tensor)
-                filled.add(target)
-            else:
-                module = self.get_submodule(target.rsplit(".", 1)[0])
-                module.load_shard(shard, target.rsplit(".", 1)[1], tensor)
-                filled.add(f"{target}:{shard}")
-        self._check_filled(params, filled)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
-        missing = []
-        for name in params:
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, MergedLinear):
-                missing += [f"{name}:{s}" for s in module.offsets if f"{name}:{s}" not in filled]
-            elif name not in filled:
-                missing.append(name)
-        if missing:
-            raise KeyError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+        self._add_head()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import tokenizers
 
 from thrifty.errors import InvalidRequestError, ModelFileError
-from thrifty.models.chat_template import ChatTemplate
+from thrifty.models.chat_template import ChatTemplate, builtin_template
 from thrifty.models.gguf_tokenizer import build_from_metadata, meta_hash as _meta_hash
 from thrifty.paths import atomic_write, home
 
@@ -73,7 +73,7 @@ class Tokenizer:
 
         return cls(backend, vocab_size=len(tokens), bos_token_id=token_id("bos"), eos_token_id=token_id("eos"),
                    pad_token_id=token_id("padding"), unk_token_id=token_id("unknown"),
-                   chat_template=md.get("tokenizer.chat_template"),
+                   chat_template=md.get("tokenizer.chat_template") or builtin_template(md.get("general.architecture")),
                    add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", False)))
 
     @classmethod

@@ -27,7 +27,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     """q: [T, H, D]; k, v: [T, Hkv, D] for the step's new tokens. Writes k, v to layer's cache; returns [T, H, D].
 
     The step's metadata comes from the forward context the runner set."""
-    meta = forward_context.current()
+    meta = forward_context.current(layer)
     cache = meta.kv_caches[layer]
     cache.write(k, v, meta.slot_mapping)
     if not meta.prefills:                       # a pure decode step: no output buffer to assemble

@@ -6,17 +6,20 @@ task) sees only the forward it runs.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 from thrifty.ops.attention_metadata import AttentionMetadata
 
-_current: ContextVar[AttentionMetadata | None] = ContextVar("thrifty_forward_context", default=None)
+_current: ContextVar[AttentionMetadata | Sequence[AttentionMetadata] | None] = ContextVar(
+    "thrifty_forward_context", default=None)
 
 
 @contextmanager
-def set_forward_context(meta: AttentionMetadata) -> Iterator[None]:
+def set_forward_context(meta: AttentionMetadata | Sequence[AttentionMetadata]) -> Iterator[None]:
+    """One metadata for every layer, or one per layer (layers in different KV groups have different block
+    tables: engine/kv_groups.py)."""
     token = _current.set(meta)
     try:
         yield
@@ -24,8 +27,8 @@ def set_forward_context(meta: AttentionMetadata) -> Iterator[None]:
         _current.reset(token)
 
 
-def current() -> AttentionMetadata:
+def current(layer: int = 0) -> AttentionMetadata:
     meta = _current.get()
     if meta is None:
         raise RuntimeError("attention ran outside a forward context: wrap the model call in set_forward_context(meta)")
-    return meta
+    return meta if isinstance(meta, AttentionMetadata) else meta[layer]
