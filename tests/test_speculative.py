@@ -241,6 +241,9 @@ class OracleProposer:
             out.append(want[done:done + k])
         return out
 
+    def release(self, request_id):
+        pass
+
 
 def oracle_engine(tiny_gguf, prompts, expected) -> tuple[LLMEngine, list[list[int]]]:
     """An engine whose proposer knows the answers, and a list that collects what each verification kept."""
@@ -392,8 +395,8 @@ def test_config_forms_and_errors(tiny_gguf):
     assert EngineConfig().speculative.method == "off"
     assert EngineConfig(speculative="ngram").speculative == SpeculativeConfig(method="ngram")
     assert EngineConfig(speculative={"method": "ngram", "num_tokens": 3}).speculative.num_tokens == 3
-    with pytest.raises(InvalidRequestError, match="not implemented yet"):
-        EngineConfig(speculative={"method": "draft", "draft_model": "qwen2.5-coder-0.5b-instruct"})
+    with pytest.raises(InvalidRequestError, match="needs a draft_model"):
+        EngineConfig(speculative={"method": "draft"})
     with pytest.raises(InvalidRequestError, match="unknown speculative method"):
         EngineConfig(speculative="eagle")
     with pytest.raises(InvalidRequestError, match="ngram_min"):
@@ -437,7 +440,7 @@ def test_config_file_cli_flags_and_metrics():
 
     config = ThriftyConfig(engine={"speculative": {"method": "ngram", "num_tokens": 3}})
     assert config.engine_config().speculative == SpeculativeConfig(method="ngram", num_tokens=3)
-    with pytest.raises(InvalidRequestError, match="not implemented yet"):
+    with pytest.raises(InvalidRequestError, match="needs a draft_model"):
         ThriftyConfig(engine={"speculative": "draft"}).engine_config()
 
     flags = argparse.Namespace(speculative="ngram", num_speculative_tokens=None, ngram_min=1, ngram_max=None,
