@@ -161,7 +161,7 @@ def test_usage_and_snapshot_report_acceptance(tiny_gguf, plain):
     outs = engine.run(prompts[:4], [GREEDY] * 4)
     snap = EngineSnapshot.of(engine)
     s = engine.speculator.stats
-    assert sum(o.usage.accepted_tokens for o in outs) == s.num_accepted_tokens == snap.spec_num_accepted_tokens
+    assert sum(o.usage.accepted_tokens or 0 for o in outs) == s.num_accepted_tokens == snap.spec_num_accepted_tokens
     assert snap.spec_num_drafts == s.num_drafts and sum(snap.spec_accepted_per_pos) == s.num_accepted_tokens
     assert make_engine(tiny_gguf).run(prompts[:1], [GREEDY])[0].usage.accepted_tokens is None
 

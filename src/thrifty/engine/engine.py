@@ -59,6 +59,7 @@ class Usage:
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None
     accepted_tokens: int | None = None      # speculative drafts kept (None: the request did not speculate)
+    draft_tokens: int | None = None         # speculative drafts proposed (None: likewise)
 
 
 @dataclass(slots=True)
@@ -101,7 +102,10 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
+                 draft: LoadedModel | None = None) -> None:
+        """`draft`: the speculative draft model already loaded (benchmarks reuse one); None: loaded from the
+        config when method is draft."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config, self.loaded = config, loaded
@@ -117,7 +121,7 @@ class LLMEngine:
             determinism.check(loaded.dtype, loaded.weights)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
                                   rows_as_decodes=config.deterministic)
-        self.speculator = _speculator(config, loaded, spec, self.runner.sampler)
+        self.speculator = _speculator(config, loaded, spec, self.runner.sampler, draft)
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()
@@ -330,33 +334,40 @@ class LLMEngine:
         visible = max(visible, seq.num_streamed_chars)
         delta = seq.text[seq.num_streamed_chars:visible]
         seq.num_streamed_chars = visible
+        spec = seq.spec if seq.spec is not None and seq.spec.num_drafts else None
         usage = Usage(seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
                       seq.time_to_first_token(), seq.time_per_output_token(),
-                      seq.spec.num_accepted_tokens if seq.spec is not None else None)
+                      spec.num_accepted_tokens if spec else None, spec.num_draft_tokens if spec else None)
         return RequestOutput(
             seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
             delta, new_tokens, seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
             list(seq.logprobs), usage)
 
 
-def _speculator(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec,
-                sampler: Sampler) -> Speculator | None:
+def _speculator(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,
+                draft: LoadedModel | None) -> Speculator | None:
     """The speculator of `config.speculative` (None: off); method draft loads the draft model beside the target."""
     spec = config.speculative
     if not spec.enabled:
         return None
     if spec.method != "draft":
         return Speculator(spec)
-    return Speculator(spec, _draft_proposer(config, loaded, kv_spec, sampler))
+    return Speculator(spec, _draft_proposer(config, loaded, kv_spec, sampler, draft))
 
 
-def _draft_proposer(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec,
-                    sampler: Sampler) -> DraftModelProposer:
-    """Load the draft (its own weight format), refuse another vocabulary, and give it a KV cache of its own:
-    as many tokens as the target's unless draft_kv_cache_memory says otherwise."""
+def load_draft(config: EngineConfig, target: LoadedModel) -> LoadedModel:
+    """The draft model in its own weight format (default: the target's, auto when that is a folder)."""
     spec = config.speculative
     weights = spec.draft_weights or (config.weights if parse_weights(config.weights).kind != "dir" else "auto")
-    draft = load(spec.draft_model, loaded.dtype, loaded.device, weights=weights)
+    return load(spec.draft_model, target.dtype, target.device, weights=weights)
+
+
+def _draft_proposer(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,
+                    draft: LoadedModel | None) -> DraftModelProposer:
+    """Refuse a draft with another vocabulary, and give it a KV cache of its own: as many tokens as the
+    target's unless draft_kv_cache_memory says otherwise."""
+    spec = config.speculative
+    draft = draft or load_draft(config, loaded)
     check_same_vocabulary(loaded, draft, spec.draft_model)
     num_blocks = None if spec.draft_kv_cache_memory is not None else kv_spec.num_blocks
     draft_kv = KVCacheSpec.from_budget(draft.config, spec.draft_kv_cache_memory or 0.0, kv_spec.block_size,
