@@ -255,3 +255,5 @@ def test_config_needs_a_draft_model():
         SpeculativeConfig(method="draft")
     spec = EngineConfig(speculative={"method": "draft", "draft_model": "x", "draft_weights": "int4"}).speculative
     assert (spec.draft_model, spec.draft_weights) == ("x", "int4")
+    assert spec.disable_by_batch_size == 2             # a draft only for a request that runs alone (measured)
+    assert SpeculativeConfig(method="ngram").disable_by_batch_size == 16

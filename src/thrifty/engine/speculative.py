@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from thrifty.engine.sequence import Sequence
 
 METHODS = ("off", "ngram", "draft")
+# bench spec on 2 Zen 3 cores: n-gram still pays at batch 4 (1.04-1.66x) and breaks even at 16; a 0.5B draft for
+# the 1.5B loses at batch 4 (0.77x: four requests' draft forwards and a 16-token verification), so it drafts
+# only for a request that runs alone
+DISABLE_BY_BATCH_SIZE = {"off": 16, "ngram": 16, "draft": 2}
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,7 +42,8 @@ class SpeculativeConfig:
     draft_model: str | None = None      # method draft: the proposing model (same tokenizer as the target)
     draft_weights: str | None = None    # ... its weight format (None: the target's, or auto when that is a DIR)
     draft_kv_cache_memory: float | None = None  # ... GiB for its KV cache (None: as many tokens as the target's)
-    disable_by_batch_size: int = 16     # no speculation in a step with this many running requests or more (measured)
+    disable_by_batch_size: int | None = None  # no speculation in a step with this many running requests or more
+                                              # (None: DISABLE_BY_BATCH_SIZE's measured value for the method)
     adaptive: bool = True               # per request, the number of proposed tokens follows its acceptance
 
     def __post_init__(self) -> None:
@@ -56,6 +61,8 @@ class SpeculativeConfig:
             raise InvalidRequestError(
                 f"speculative n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}",
                 "", param="speculative.ngram_min")
+        if self.disable_by_batch_size is None:
+            object.__setattr__(self, "disable_by_batch_size", DISABLE_BY_BATCH_SIZE[self.method])
         if self.disable_by_batch_size < 1:
             raise InvalidRequestError("speculative.disable_by_batch_size must be >= 1", "",
                                       param="speculative.disable_by_batch_size")
