@@ -31,3 +31,11 @@ def test_bench_spec_methods_are_checked(long_context_tiny):
         SpecBenchConfig(model=long_context_tiny, methods=["off", "draft"])
     with pytest.raises(ThriftyError, match="bad methods"):
         SpecBenchConfig(model=long_context_tiny, methods=["ngram"])
+
+
+def test_spec_equality_counts_identical_outputs(long_context_tiny):
+    from thrifty.bench.spec_equality import format_report, run_equality
+
+    report = run_equality(long_context_tiny, "draft", prompts=3, max_tokens=5, draft=long_context_tiny, batch=2)
+    assert report["identical"] == 3 and report["differ"] == []
+    assert "3 of 3" in format_report(report)

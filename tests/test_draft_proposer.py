@@ -257,3 +257,27 @@ def test_config_needs_a_draft_model():
     assert (spec.draft_model, spec.draft_weights) == ("x", "int4")
     assert spec.disable_by_batch_size == 2             # a draft only for a request that runs alone (measured)
     assert SpeculativeConfig(method="ngram").disable_by_batch_size == 16
+
+
+# ---- the real models ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_real_int4_draft_for_the_float32_model_is_exact(qwen05_gguf):
+    """Qwen2.5-Coder-0.5B in float32 (one-token and multi-token forwards round alike) with its own int4 copy as
+    the draft (same tokenizer, other weights): 3 HumanEval chat prompts, 32 tokens, outputs as plain decoding's."""
+    from thrifty.bench.spec import workload_messages
+
+    loaded = load(qwen05_gguf, "float32")
+    tok = loaded.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True),
+                          add_special_tokens=False) for m in workload_messages("chat", 3)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    outs = {}
+    for method in ("off", "draft"):
+        spec = draft_spec(str(qwen05_gguf), draft_weights="int4") if method == "draft" else None
+        engine = LLMEngine(loaded, EngineConfig(dtype="float32", kv_cache_memory=0.1, speculative=spec))
+        outs[method] = [o.token_ids for o in engine.run(prompts, [params] * len(prompts))]
+        assert_all_free(engine)
+    assert outs["draft"] == outs["off"]
+    assert engine.speculator.stats.num_accepted_tokens > 0

@@ -122,6 +122,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--streams", type=int, default=2, help="requests decoding throughout (default 2)")
     f.add_argument("--slowdowns", default="2.0", help="max_decode_slowdown values to compare with off (default 2.0)")
 
+    e = bsub.add_parser("spec-equality", help="greedy outputs with and without speculation on HumanEval chat prompts")
+    e.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    e.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    e.add_argument("--plot", metavar="FILE.png", help="not drawn for this benchmark")
+    e.add_argument("--method", default="ngram", choices=["ngram", "draft"])
+    e.add_argument("--draft", default=None, help="method draft's model")
+    e.add_argument("--prompts", type=int, default=164)
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float32"])
+    e.add_argument("--weights", default="auto")
+
     d = bsub.add_parser("determinism", help="batched vs alone outputs with deterministic off and on, and its cost")
     d.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
     d.add_argument("--json", metavar="FILE", help="write the full report as JSON")
@@ -201,6 +213,13 @@ def run(args: argparse.Namespace) -> None:
             raise InvalidRequestError("--requests must be >= 2", "", param="requests")
         report = run_determinism(DeterminismConfig(args.model, args.requests, args.max_tokens, args.dtype,
                                                    args.threads, args.progress))
+        print(format_report(report))
+        plot = None
+    elif args.bench_command == "spec-equality":
+        from thrifty.bench.spec_equality import format_report, run_equality
+
+        report = run_equality(args.model, args.method, args.prompts, args.max_tokens, args.dtype, args.batch,
+                              args.draft, args.weights)
         print(format_report(report))
         plot = None
     else:  # pragma: no cover (argparse requires one)
