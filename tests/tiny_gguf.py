@@ -117,12 +117,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def tiny_vocab() -> tuple[list[str], list[str], list[int]]:
-    """(tokens, merges, token types) of a byte-level BPE vocabulary with Qwen2's special tokens."""
+def tiny_vocab(num_merges: int | None = None) -> tuple[list[str], list[str], list[int]]:
+    """(tokens, merges, token types) of a byte-level BPE vocabulary with Qwen2's special tokens; fewer merges
+    give another vocabulary (the special tokens' ids move)."""
     tokens = list(bytes_to_unicode().values())
     seen = set(tokens)
     merges: list[str] = []
-    for merge in MERGES:
+    for merge in MERGES[:num_merges]:
         left, right = merge.split(" ")
         if left in seen and right in seen and left + right not in seen:
             tokens.append(left + right)
@@ -149,6 +150,9 @@ class TinySpec:
     file_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
     sliding_window: int | None = None       # gemma3: the local layers' window
     sliding_window_pattern: int = 6          # gemma3: every Nth layer global
+    perturb: float = 0.0         # > 0: every weight plus this much noise from perturb_seed (a near copy of seed's
+    perturb_seed: int = 1        # model: a draft that agrees with it often but not always)
+    num_merges: int | None = None  # fewer BPE merges: another vocabulary
 
 
 def tiny_gemma3(**overrides) -> TinySpec:
@@ -164,7 +168,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
-    tokens, merges, types = tiny_vocab()
+    noise = np.random.default_rng(spec.perturb_seed)
+    tokens, merges, types = tiny_vocab(spec.num_merges)
     vocab = len(tokens)
     head_dim = spec.hidden_size // spec.num_heads
     arch = spec.architecture
@@ -198,6 +203,8 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
         data = (around + scale * rng.standard_normal(shape)).astype(np.float32)
         if name.endswith("norm.weight") and spec.norm_spread > 0:
             data *= np.exp(spec.norm_spread * rng.standard_normal(shape)).astype(np.float32)
+        if spec.perturb > 0:
+            data += (spec.perturb * scale * noise.standard_normal(shape)).astype(np.float32)
         if spec.file_type == gguf.GGMLQuantizationType.F32 or len(shape) == 1:
             w.add_tensor(name, data)
         else:

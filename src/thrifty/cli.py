@@ -49,17 +49,20 @@ def _generate(sub: argparse._SubParsersAction) -> None:
 
 def _speculative_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
-                   help="speculative decoding: ngram (prompt lookup); draft is not implemented yet (default off)")
+                   help="speculative decoding: ngram (prompt lookup) or draft (a smaller model with the same "
+                        "tokenizer, --draft-model); default off")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="most tokens proposed per step (4)")
     p.add_argument("--ngram-min", type=int, default=None, help="shortest n-gram prompt lookup matches (2)")
     p.add_argument("--ngram-max", type=int, default=None, help="longest n-gram, tried first (4)")
     p.add_argument("--draft-model", default=None, help="method draft: the proposing model")
+    p.add_argument("--draft-weights", default=None, help="method draft: its weight format (default: the target's)")
 
 
 def _speculative_section(args: argparse.Namespace, base: dict | None = None) -> dict | None:
     """The engine's speculative section from the flags over `base` (the config file's); None: untouched."""
     flags = {"method": args.speculative, "num_tokens": args.num_speculative_tokens, "ngram_min": args.ngram_min,
-             "ngram_max": args.ngram_max, "draft_model": args.draft_model}
+             "ngram_max": args.ngram_max, "draft_model": args.draft_model,
+             "draft_weights": getattr(args, "draft_weights", None)}
     given = {k: v for k, v in flags.items() if v is not None}
     if not given:
         return None

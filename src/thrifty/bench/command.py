@@ -85,9 +85,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
     st.add_argument("--profile-steps", type=int, default=6, help="steps under the profiler (0: none)")
 
-    sp = bsub.add_parser("spec", help="plain vs n-gram speculative decoding: tok/s, acceptance, per workload",
+    sp = bsub.add_parser("spec", help="plain vs n-gram and draft-model speculative decoding: tok/s, acceptance",
                          description="Greedy chat / code-edit / summarize requests (HumanEval, pydoc passages) "
-                                     "through the chat template, with speculation off and ngram, per batch size.")
+                                     "through the chat template, with speculation off, ngram and (with --draft) "
+                                     "a draft model, per batch size.")
     _common(sp)
     sp.add_argument("--workloads", type=_name_list, default=["chat", "code-edit", "summarize"])
     sp.add_argument("--batch", type=_int_list, default=[1, 4, 16], help="max_num_seqs, e.g. 1,4,16")
@@ -98,6 +99,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--ngram-max", type=int, default=4)
     sp.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculate only in steps with fewer running requests (default: the engine's)")
+    sp.add_argument("--draft", default=None, help="method draft's model, same tokenizer as --model "
+                                                  "(e.g. qwen2.5-coder-0.5b-instruct)")
+    sp.add_argument("--draft-weights", default=None, help="the draft's weight format (default: --weights)")
+    sp.add_argument("--methods", type=_name_list, default=None,
+                    help="e.g. off,draft (default: off, ngram, and draft when --draft is given)")
 
     x = bsub.add_parser("prefix", help="TTFT and prompt tokens computed with and without prefix caching")
     _common(x)
@@ -115,6 +121,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--short-every", type=float, default=1.0, help="seconds between short requests (default 1)")
     f.add_argument("--streams", type=int, default=2, help="requests decoding throughout (default 2)")
     f.add_argument("--slowdowns", default="2.0", help="max_decode_slowdown values to compare with off (default 2.0)")
+
+    e = bsub.add_parser("spec-equality", help="greedy outputs with and without speculation on HumanEval chat prompts")
+    e.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
+    e.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    e.add_argument("--plot", metavar="FILE.png", help="not drawn for this benchmark")
+    e.add_argument("--method", default="ngram", choices=["ngram", "draft"])
+    e.add_argument("--draft", default=None, help="method draft's model")
+    e.add_argument("--prompts", type=int, default=164)
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float32"])
+    e.add_argument("--weights", default="auto")
 
     d = bsub.add_parser("determinism", help="batched vs alone outputs with deterministic off and on, and its cost")
     d.add_argument("--model", required=True, help="zoo name, .gguf file or Hugging Face folder")
@@ -173,7 +191,8 @@ def run(args: argparse.Namespace) -> None:
             model=args.model, workloads=args.workloads, batch=args.batch, requests=args.requests,
             output_len=args.output_len, num_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
             ngram_max=args.ngram_max, disable_by_batch_size=args.disable_by_batch_size, weights=args.weights,
-            dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=args.threads, progress=args.progress)
+            dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=args.threads, progress=args.progress,
+            draft=args.draft, draft_weights=args.draft_weights, methods=args.methods)
         report = run_spec(cfg)
         print(format_report(report))
         plot = None
@@ -221,6 +240,13 @@ def run(args: argparse.Namespace) -> None:
                                   args.block_size, args.max_num_batched_tokens,
                                   log=lambda m: print(m, file=sys.stderr))
         print(summary(report))
+        plot = None
+    elif args.bench_command == "spec-equality":
+        from thrifty.bench.spec_equality import format_report, run_equality
+
+        report = run_equality(args.model, args.method, args.prompts, args.max_tokens, args.dtype, args.batch,
+                              args.draft, args.weights)
+        print(format_report(report))
         plot = None
     else:  # pragma: no cover (argparse requires one)
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")

@@ -1,12 +1,20 @@
-"""`thrifty bench spec`: plain decoding against n-gram speculative decoding on three workloads and batch sizes.
+"""`thrifty bench spec`: plain decoding against n-gram and draft-model speculative decoding, per workload and batch.
 
 Workloads (all from what installs offline; each models a kind of traffic):
 - chat: HumanEval prompts through the chat template (free-form answers: little to copy);
 - code-edit: "rewrite this function with one change" over HumanEval's canonical solutions (the answer mostly
   copies the input: where prompt lookup pays most);
 - summarize: restate a passage of Python's own documentation (pydoc_data; partly copied, partly reworded).
-Greedy, EOS ignored, so both methods produce the same number of tokens; the report also says whether they
-produced the same tokens (they must).
+Greedy, EOS ignored, so every method produces the same number of tokens; the report also says whether they
+produced the same tokens as plain decoding (they must). output tok/s is all output tokens over the wall time,
+prefills included (speculation cannot speed those up); decode tok/s is one over the requests' mean time per
+output token after the first (the draft's own prefill of the prompt falls in there).
+
+With `--draft D` the report adds the draft's cost: c = a draft forward of one token over a target forward of
+one token, v = a target forward of num_tokens + 1 tokens (verification) over one token, both timed alone at
+batch 1 after a prompt; and beside each draft cell the bound L / (k c + v) for its measured mean accepted length
+L and mean draft length k: the speedup a step of k draft forwards and one verification allows if nothing
+else costs anything.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import ThriftyError
 
 WORKLOADS = ("chat", "code-edit", "summarize")
-METHODS = ("off", "ngram")
+METHODS = ("off", "ngram", "draft")
 
 
 @dataclass(slots=True)
@@ -44,11 +52,21 @@ class SpecBenchConfig:
     kv_cache_memory: float = 1.0
     threads: int | None = None
     progress: bool = True
+    draft: str | None = None             # method draft's model (same tokenizer as the target)
+    draft_weights: str | None = None     # its weight format (None: the target's)
+    methods: list[str] | None = None     # default: off, ngram, and draft when a draft is given
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.workloads) - set(WORKLOADS))
         if unknown:
             raise ThriftyError(f"unknown workload(s): {', '.join(unknown)}", f"use {', '.join(WORKLOADS)}")
+        if self.methods is None:
+            self.methods = ["off", "ngram"] + (["draft"] if self.draft else [])
+        bad = sorted(set(self.methods) - set(METHODS))
+        if bad or "off" not in self.methods:
+            raise ThriftyError(f"bad methods {', '.join(self.methods)}", f"off and any of {', '.join(METHODS[1:])}")
+        if "draft" in self.methods and not self.draft:
+            raise ThriftyError("method draft needs a draft model", "pass --draft, e.g. qwen2.5-coder-0.5b-instruct")
 
 
 def _humaneval_rows() -> list[dict]:
@@ -79,17 +97,47 @@ def workload_messages(name: str, n: int) -> list[str]:
     return [f"Restate the following passage, keeping its wording where you can:\n\n{p}" for p in _passages(n)]
 
 
-def _engine(loaded, cfg: SpecBenchConfig, method: str, batch: int) -> LLMEngine:
-    spec = {"method": method, "num_tokens": cfg.num_tokens, "ngram_min": cfg.ngram_min, "ngram_max": cfg.ngram_max}
+def _engine(loaded, cfg: SpecBenchConfig, method: str, batch: int, draft=None) -> LLMEngine:
+    spec = {"method": method, "num_tokens": cfg.num_tokens, "ngram_min": cfg.ngram_min, "ngram_max": cfg.ngram_max,
+            "draft_model": cfg.draft if method == "draft" else None}
     if cfg.disable_by_batch_size is not None:
         spec["disable_by_batch_size"] = cfg.disable_by_batch_size
     return LLMEngine(loaded, EngineConfig(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=batch,
                                           num_threads=cfg.threads, weights=cfg.weights,
-                                          speculative=spec if method != "off" else None))
+                                          speculative=spec if method != "off" else None),
+                     draft=draft if method == "draft" else None)
 
 
-def _cell(loaded, cfg: SpecBenchConfig, method: str, batch: int, prompts: list[list[int]]) -> dict:
-    engine = _engine(loaded, cfg, method, batch)
+def _forward_s(loaded, prompt: list[int], num_tokens: int, repeats: int = 5) -> float:
+    """Seconds of one forward (and its logits) over `num_tokens` new tokens after `prompt`, alone: the best of
+    `repeats` after one warm-up."""
+    from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
+    from thrifty.engine.runner import Chunk, forward
+
+    blocks = -(-(len(prompt) + num_tokens) // 16)
+    kv = PagedKVCache(KVCacheSpec.from_budget(loaded.config, 0.0, 16, loaded.dtype, blocks), loaded.device)
+    tables = [list(range(blocks))]
+    forward(loaded.model, kv, [Chunk(prompt, 0, tables)], loaded.device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        hidden = forward(loaded.model, kv, [Chunk(prompt[:num_tokens], len(prompt), tables)], loaded.device)
+        loaded.model.compute_logits(hidden)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def draft_cost(target, draft, prompt: list[int], num_tokens: int) -> dict:
+    """c: a draft forward of one token over the target's; v: the target's forward of num_tokens + 1 tokens
+    (a verification) over its one-token forward."""
+    one, drafted, verify = (_forward_s(target, prompt, 1), _forward_s(draft, prompt, 1),
+                            _forward_s(target, prompt, num_tokens + 1))
+    return {"target_forward_s": one, "draft_forward_s": drafted, "verify_forward_s": verify,
+            "cost_ratio": drafted / one, "verify_ratio": verify / one}
+
+
+def _cell(loaded, cfg: SpecBenchConfig, method: str, batch: int, prompts: list[list[int]], draft=None) -> dict:
+    engine = _engine(loaded, cfg, method, batch, draft)
     engine.run(prompts[:1], [SamplingParams(temperature=0.0, max_tokens=4)])  # warm-up
     engine.reset_stats()
     params = SamplingParams(temperature=0.0, max_tokens=cfg.output_len, ignore_eos=True)
@@ -97,8 +145,10 @@ def _cell(loaded, cfg: SpecBenchConfig, method: str, batch: int, prompts: list[l
     outs = engine.run(prompts, [params] * len(prompts))
     wall = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
+    tpot = [o.usage.time_per_output_token_s for o in outs if o.usage.time_per_output_token_s]
     row = {"method": method, "batch": batch, "requests": len(prompts), "output_tokens": tokens, "wall_s": wall,
            "output_tokens_per_s": tokens / wall, "steps": engine.stats.steps,
+           "decode_tokens_per_s": len(tpot) / sum(tpot) if tpot else 0.0,
            "latency_per_request_s": wall * batch / len(prompts), "_outputs": [o.token_ids for o in outs]}
     if engine.speculator is not None:
         s = engine.speculator.stats
@@ -112,28 +162,45 @@ def run_spec(cfg: SpecBenchConfig) -> dict:
     from thrifty.models.loader import load
 
     loaded = load(cfg.model, cfg.dtype, weights=cfg.weights)
+    draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights) if "draft" in cfg.methods else None
     tok = loaded.tokenizer
     results = []
+    cost = None
     cells = [(w, b) for w in cfg.workloads for b in cfg.batch]
     for workload, batch in tqdm(cells, desc="spec", disable=not cfg.progress):
         n = cfg.requests or max(batch, 2)
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True),
                               add_special_tokens=False) for m in workload_messages(workload, n)]
-        rows = [_cell(loaded, cfg, method, batch, prompts) for method in METHODS]
-        same = rows[0].pop("_outputs") == rows[1].pop("_outputs")
+        if draft is not None and cost is None:
+            cost = draft_cost(loaded, draft, prompts[0], cfg.num_tokens)
+        rows = [_cell(loaded, cfg, method, batch, prompts, draft) for method in cfg.methods]
+        plain = rows[0].pop("_outputs")
         for row in rows:
-            row.update(workload=workload, identical=same,
-                       speedup=row["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+            row.update(workload=workload, identical=row.pop("_outputs", plain) == plain,
+                       speedup=row["output_tokens_per_s"] / rows[0]["output_tokens_per_s"],
+                       decode_speedup=row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"])
+            if row["method"] == "draft" and row.get("num_drafts"):
+                k = row["num_draft_tokens"] / row["num_drafts"]
+                row["bound"] = row["mean_accepted_length"] / (k * cost["cost_ratio"] + cost["verify_ratio"])
             results.append(row)
-    return {"benchmark": "spec", "date": now_iso(), "model": cfg.model, "hardware": hardware_info(),
-            "config": asdict(cfg), "results": results}
+    return {"benchmark": "spec", "date": now_iso(), "model": cfg.model, "draft": cfg.draft,
+            "hardware": hardware_info(), "config": asdict(cfg), "draft_cost": cost, "results": results}
 
 
 def format_report(report: dict) -> str:
-    header = ["workload", "batch", "method", "output tok/s", "x plain", "mean accepted length", "acceptance per pos",
-              "identical"]
+    header = ["workload", "batch", "method", "output tok/s", "x plain", "decode tok/s", "decode x plain",
+              "mean accepted length", "acceptance per pos", "bound", "identical"]
     rows = [[r["workload"], r["batch"], r["method"], fmt(r["output_tokens_per_s"]), f"{r['speedup']:.2f}",
+             fmt(r["decode_tokens_per_s"]), f"{r['decode_speedup']:.2f}",
              fmt(r.get("mean_accepted_length", "")), " ".join(f"{a:.2f}" for a in r.get("acceptance_per_pos", [])),
-             "yes" if r["identical"] else "NO"] for r in report["results"]]
+             f"{r['bound']:.2f}" if "bound" in r else "", "yes" if r["identical"] else "NO"]
+            for r in report["results"]]
     cpu = report["hardware"].get("cpu", "")
-    return f"## speculative decoding ({report['model']}, {cpu})\n\n" + markdown_table(header, rows)
+    title = report["model"] + (f", draft {report['draft']}" if report.get("draft") else "")
+    text = f"## speculative decoding ({title}, {cpu})\n\n" + markdown_table(header, rows)
+    cost = report.get("draft_cost")
+    if cost:
+        text += (f"\n\ndraft/target cost ratio c = {cost['cost_ratio']:.2f} (one-token forwards: draft "
+                 f"{cost['draft_forward_s'] * 1e3:.1f} ms, target {cost['target_forward_s'] * 1e3:.1f} ms); "
+                 f"verification v = {cost['verify_ratio']:.2f} target forwards; bound = L / (k c + v)")
+    return text

@@ -11,14 +11,17 @@ import torch
 from thrifty.engine import determinism
 from thrifty.engine.block_manager import PrefixCacheStats
 from thrifty.engine import kv_groups
+from thrifty.engine.kv_cache import KVCacheSpec
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
 from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
+from thrifty.engine.draft_proposer import DraftModelProposer, check_same_vocabulary
 from thrifty.engine.speculative import SpeculativeConfig, Speculator
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
+from thrifty.models.weight_spec import parse_weights
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,6 +62,7 @@ class Usage:
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None
     accepted_tokens: int | None = None      # speculative drafts kept (None: the request did not speculate)
+    draft_tokens: int | None = None         # speculative drafts proposed (None: likewise)
 
 
 @dataclass(slots=True)
@@ -101,7 +105,10 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(),
+                 draft: LoadedModel | None = None) -> None:
+        """`draft`: the speculative draft model already loaded (benchmarks reuse one); None: loaded from the
+        config when method is draft."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config, self.loaded = config, loaded
@@ -119,7 +126,7 @@ class LLMEngine:
             determinism.check(loaded.dtype, loaded.weights)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
                                   rows_as_decodes=config.deterministic)
-        self.speculator = Speculator(config.speculative) if config.speculative.enabled else None
+        self.speculator = _speculator(config, loaded, spec, self.runner.sampler, draft)
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()
@@ -167,6 +174,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
         self._requests.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
         if seq is not None:
             seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ABORT
         return seq is not None
@@ -198,7 +207,7 @@ class LLMEngine:
         self.block_manager.stats = PrefixCacheStats()
         self.stats = EngineStats()
         if self.speculator is not None:
-            self.speculator = Speculator(self.config.speculative)
+            self.speculator.reset_stats()
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -209,6 +218,9 @@ class LLMEngine:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
+        if self.speculator is not None:
+            for request_id in plan.preempted:       # recomputed from scratch: the draft's KV goes too
+                self.speculator.release(request_id)
         if not plan.num_tokens:
             return []
         tables = getattr(self.block_manager, "block_tables", None)
@@ -273,8 +285,7 @@ class LLMEngine:
             if seq.finished and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()  # a trailing partial character, as decode() shows it
             if seq.finished:
-                self.scheduler.finish(seq)
-                self._requests.pop(seq.request_id, None)
+                self._finish(seq)
             outputs.append(self._output(seq, [token]))
         return outputs
 
@@ -301,10 +312,15 @@ class LLMEngine:
             if seq.finished and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()
             if seq.finished:
-                self.scheduler.finish(seq)
-                self._requests.pop(seq.request_id, None)
+                self._finish(seq)
             outputs.append(self._output(seq, new))
         return outputs
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._requests.pop(seq.request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(seq.request_id)
 
     def _check_stop(self, seq: Sequence, token: int, old_text: str) -> None:
         p = seq.params
@@ -324,13 +340,45 @@ class LLMEngine:
         visible = max(visible, seq.num_streamed_chars)
         delta = seq.text[seq.num_streamed_chars:visible]
         seq.num_streamed_chars = visible
+        spec = seq.spec if seq.spec is not None and seq.spec.num_drafts else None
         usage = Usage(seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
                       seq.time_to_first_token(), seq.time_per_output_token(),
-                      seq.spec.num_accepted_tokens if seq.spec is not None else None)
+                      spec.num_accepted_tokens if spec else None, spec.num_draft_tokens if spec else None)
         return RequestOutput(
             seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
             delta, new_tokens, seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
             list(seq.logprobs), usage)
+
+
+def _speculator(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,
+                draft: LoadedModel | None) -> Speculator | None:
+    """The speculator of `config.speculative` (None: off); method draft loads the draft model beside the target."""
+    spec = config.speculative
+    if not spec.enabled:
+        return None
+    if spec.method != "draft":
+        return Speculator(spec)
+    return Speculator(spec, _draft_proposer(config, loaded, kv_spec, sampler, draft))
+
+
+def load_draft(config: EngineConfig, target: LoadedModel) -> LoadedModel:
+    """The draft model in its own weight format (default: the target's, auto when that is a folder)."""
+    spec = config.speculative
+    weights = spec.draft_weights or (config.weights if parse_weights(config.weights).kind != "dir" else "auto")
+    return load(spec.draft_model, target.dtype, target.device, weights=weights)
+
+
+def _draft_proposer(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,
+                    draft: LoadedModel | None) -> DraftModelProposer:
+    """Refuse a draft with another vocabulary, and give it a KV cache of its own: as many tokens as the
+    target's unless draft_kv_cache_memory says otherwise."""
+    spec = config.speculative
+    draft = draft or load_draft(config, loaded)
+    check_same_vocabulary(loaded, draft, spec.draft_model)
+    num_blocks = None if spec.draft_kv_cache_memory is not None else kv_spec.num_blocks
+    draft_kv = KVCacheSpec.from_budget(draft.config, spec.draft_kv_cache_memory or 0.0, kv_spec.block_size,
+                                       kv_spec.dtype, num_blocks)
+    return DraftModelProposer(draft, draft_kv, loaded.config.vocab_size, sampler, config.enable_prefix_caching)
 
 
 def _kv_dtype(name: str) -> torch.dtype:

@@ -42,37 +42,56 @@ class Verified:
         return len(self.token_ids) - 1
 
 
+@dataclass(slots=True)
+class Chunk:
+    """One sequence's tokens in a forward: `token_ids` at positions start.., written to its block tables
+    (one per KV group, engine/kv_groups.py; one for most models)."""
+    token_ids: list[int]
+    start: int
+    block_tables: list[list[int]]
+
+
+def forward(model: torch.nn.Module, kv_cache: PagedKVCache | GroupedKVCache, chunks: list[Chunk],
+            device: torch.device, watch: Stopwatch | None = None, rows_as_decodes: bool = False) -> torch.Tensor:
+    """Hidden states [sum of chunk lengths, H] of one forward over `chunks` (one-token chunks first); each
+    chunk's KV lands in its blocks. The target's runner and the draft proposer both run their models here."""
+    ids = [t for c in chunks for t in c.token_ids]
+    positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
+    context_lens = [c.start + len(c.token_ids) for c in chunks]
+    metas = [AttentionMetadata.build([c.block_tables[g] for c in chunks], context_lens,
+                                     [len(c.token_ids) for c in chunks], kv_cache.spec.block_size,
+                                     kv_cache.layers, device, rows_as_decodes=rows_as_decodes)
+             for g in range(len(chunks[0].block_tables))]
+    layer_group = getattr(kv_cache, "layer_group", None)   # KV group of each layer; None: one group
+    meta = metas[0] if layer_group is None else [metas[g] for g in layer_group]
+    ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
+    if watch is not None:
+        watch.lap("inputs")
+    with set_forward_context(meta):
+        hidden = model(ids_t, positions_t)
+    if watch is not None:
+        watch.lap("forward")
+    return hidden
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache | GroupedKVCache, sampler: Sampler,
                  device: torch.device, rows_as_decodes: bool = False) -> None:
         self.model, self.kv_cache, self.sampler, self.device = model, kv_cache, sampler, device
         self.rows_as_decodes = rows_as_decodes   # deterministic mode (engine/determinism.py)
         self.block_size = kv_cache.spec.block_size
-        self.layer_group = getattr(kv_cache, "layer_group", None)   # KV group of each layer; None: one group
 
     def execute(self, batch: list[StepInput], watch: Stopwatch
                 ) -> tuple[list[Sequence], SamplerOutput | None, list[Verified]]:
         """Run one forward over the batch; return the sequences that sampled and their samples, in order, and
         the sequences with speculative drafts and what verification kept of them."""
         batch = sorted(batch, key=lambda b: b.num_tokens != 1)  # one-token queries first (batched decode path)
-        ids: list[int] = []
-        positions: list[int] = []
+        chunks = []
         for item in batch:
             start = item.seq.num_computed_tokens
             tokens = item.seq.token_ids + item.seq.draft_token_ids if item.seq.draft_token_ids else item.seq.token_ids
-            ids.extend(tokens[start:start + item.num_tokens])
-            positions.extend(range(start, start + item.num_tokens))
-        context_lens = [b.seq.num_computed_tokens + b.num_tokens for b in batch]
-        metas = [AttentionMetadata.build([b.block_tables[g] for b in batch], context_lens,
-                                         [b.num_tokens for b in batch], self.block_size, self.kv_cache.layers,
-                                         self.device, rows_as_decodes=self.rows_as_decodes)
-                 for g in range(len(batch[0].block_tables))]
-        meta = metas[0] if self.layer_group is None else [metas[g] for g in self.layer_group]
-        ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
-        watch.lap("inputs")
-        with set_forward_context(meta):
-            hidden = self.model(ids_t, positions_t)
-        watch.lap("forward")
+            chunks.append(Chunk(tokens[start:start + item.num_tokens], start, item.block_tables))
+        hidden = forward(self.model, self.kv_cache, chunks, self.device, watch, self.rows_as_decodes)
 
         sampling = [b for b in batch if b.samples]
         if not sampling:

@@ -26,26 +26,34 @@ if TYPE_CHECKING:
     from thrifty.engine.sequence import Sequence
 
 METHODS = ("off", "ngram", "draft")
+# bench spec on 2 Zen 3 cores: n-gram still pays at batch 4 (1.04-1.66x) and breaks even at 16; a 0.5B draft for
+# the 1.5B loses at batch 4 (0.77x: four requests' draft forwards and a 16-token verification), so it drafts
+# only for a request that runs alone
+DISABLE_BY_BATCH_SIZE = {"off": 16, "ngram": 16, "draft": 2}
 
 
 @dataclass(slots=True, frozen=True)
 class SpeculativeConfig:
-    """`speculative:` in the engine config. method off (default), ngram (prompt lookup) or draft (not yet)."""
+    """`speculative:` in the engine config. method off (default), ngram (prompt lookup) or draft (a model)."""
     method: str = "off"
     num_tokens: int = 4                 # most tokens proposed per request and step
     ngram_min: int = 2                  # n-gram lookup: the shortest suffix that may match
     ngram_max: int = 4                  # ... and the longest (tried first)
     draft_model: str | None = None      # method draft: the proposing model (same tokenizer as the target)
-    disable_by_batch_size: int = 16     # no speculation in a step with this many running requests or more (measured)
+    draft_weights: str | None = None    # ... its weight format (None: the target's, or auto when that is a DIR)
+    draft_kv_cache_memory: float | None = None  # ... GiB for its KV cache (None: as many tokens as the target's)
+    disable_by_batch_size: int | None = None  # no speculation in a step with this many running requests or more
+                                              # (None: DISABLE_BY_BATCH_SIZE's measured value for the method)
     adaptive: bool = True               # per request, the number of proposed tokens follows its acceptance
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidRequestError(f"unknown speculative method {self.method!r}", f"use one of {', '.join(METHODS)}",
                                       param="speculative.method")
-        if self.method == "draft":
-            raise InvalidRequestError("speculative method 'draft' is not implemented yet",
-                                      "use method ngram (prompt lookup) or off", param="speculative.method")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidRequestError("speculative method 'draft' needs a draft_model",
+                                      "name one with the target's tokenizer, e.g. qwen2.5-coder-0.5b-instruct",
+                                      param="speculative.draft_model")
         if not 1 <= self.num_tokens <= 16:
             raise InvalidRequestError(f"speculative.num_tokens must be in [1, 16], got {self.num_tokens}", "",
                                       param="speculative.num_tokens")
@@ -53,6 +61,8 @@ class SpeculativeConfig:
             raise InvalidRequestError(
                 f"speculative n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}",
                 "", param="speculative.ngram_min")
+        if self.disable_by_batch_size is None:
+            object.__setattr__(self, "disable_by_batch_size", DISABLE_BY_BATCH_SIZE[self.method])
         if self.disable_by_batch_size < 1:
             raise InvalidRequestError("speculative.disable_by_batch_size must be >= 1", "",
                                       param="speculative.disable_by_batch_size")
@@ -75,7 +85,8 @@ class SpeculativeConfig:
                 return cls(**value)
             except TypeError as e:
                 raise InvalidRequestError(f"bad speculative section: {e}", "known keys: method, num_tokens, "
-                                          "ngram_min, ngram_max, draft_model, disable_by_batch_size, adaptive",
+                                          "ngram_min, ngram_max, draft_model, draft_weights, "
+                                          "draft_kv_cache_memory, disable_by_batch_size, adaptive",
                                           param="speculative") from None
         raise InvalidRequestError(f"speculative must be a mapping or a method name, got {value!r}", "",
                                   param="speculative")
@@ -114,9 +125,12 @@ class NgramIndex:
 
 
 class Proposer(Protocol):
-    """Guesses up to num_tokens[i] next tokens for each sequence (fewer or none is fine)."""
+    """Guesses up to num_tokens[i] next tokens for each sequence (fewer or none is fine). A proposer with
+    state per request (the draft model's KV) frees it in `release` (finish, abort, preemption)."""
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]: ...
+
+    def release(self, request_id: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -135,6 +149,9 @@ class NgramProposer:
             out.append(state.index.lookup(seq.token_ids, k))
         return out
 
+    def release(self, request_id: str) -> None:
+        """The index lives on the request (seq.spec) and goes with it."""
+
 
 # ---- per request state, statistics -----------------------------------------------------------------
 
@@ -144,6 +161,7 @@ class SpecState:
     """One request's speculation: how many tokens to propose next (adaptive), the proposer's index, its books."""
     num_tokens: int
     index: NgramIndex | None = None
+    draft_probs: torch.Tensor | None = None   # [k, V]: the draft model's q for sampled drafts (None: one-hot)
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
@@ -208,7 +226,7 @@ def verify_sampled(probs: torch.Tensor, draft: list[int], generator: torch.Gener
     return draft + [int(draw_from_probs(probs[k:k + 1], [generator])[0])]
 
 
-Verifier = Callable[[torch.Tensor, list[int], "torch.Generator | None"], list[int]]
+Verifier = Callable[[torch.Tensor, list[int], "torch.Generator | None", "torch.Tensor | None"], list[int]]
 
 
 def verify_sequences(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
@@ -230,7 +248,8 @@ def verify_sequences(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence
         if p.greedy:
             out.append(verify_greedy(probs.max(dim=1).indices.tolist(), draft))
         else:
-            out.append(verifier(probs, draft, seq.generator))
+            q = seq.spec.draft_probs
+            out.append(verifier(probs, draft, seq.generator, None if q is None else q[:len(draft)]))
     return out
 
 
@@ -246,7 +265,14 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         self.proposer = proposer or NgramProposer(config.ngram_min, config.ngram_max)
-        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_tokens)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.config.num_tokens)
+
+    def release(self, request_id: str) -> None:
+        """The request left the running set (finished, aborted, preempted): the proposer frees its state."""
+        self.proposer.release(request_id)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Set `draft_token_ids` on the running requests that speculate this step (cleared on the others)."""

@@ -16,10 +16,10 @@ from thrifty.gateway.request import GatewayRequest, Limits
 from thrifty.server import schemas as s
 
 # OpenAI fields a remote tier is not sent from the client's body (the gateway sets or replaces them)
-_NOT_FORWARDED = {"model", "stream", "stream_options", "cache", "messages", "prompt"}
+_NOT_FORWARDED = {"model", "stream", "stream_options", "cache", "messages", "prompt", "speculative"}
 _SAMPLING = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "top_k", "min_p",
              "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-             "include_stop_str_in_output")
+             "include_stop_str_in_output", "speculative")
 
 
 @dataclass(slots=True, frozen=True)

@@ -30,7 +30,8 @@ class Formatter:
         u = out.usage
         return s.UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                            total_tokens=u.prompt_tokens + u.completion_tokens,
-                           prompt_tokens_details=s.PromptTokensDetails(cached_tokens=u.cached_tokens))
+                           prompt_tokens_details=s.PromptTokensDetails(cached_tokens=u.cached_tokens),
+                           draft_tokens=u.draft_tokens, accepted_tokens=u.accepted_tokens)
 
     # ---- logprobs ----------------------------------------------------------------------------------
     def _token(self, token: int | str, tokenizer: Any) -> tuple[str, list[int]]:

@@ -3,13 +3,14 @@
 Requests are strict (no "0.5" for a number) and reject what we cannot do yet with a clear 400 rather
 than ignoring it (n > 1, tools, echo, suffix, best_of > 1, logit_bias). Unknown extra fields are ignored,
 as OpenAI-compatible servers commonly do. A few vLLM-style extras are accepted: top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, include_stop_str_in_output.
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, include_stop_str_in_output;
+and thrifty's `speculative: false` (this request decodes without speculation).
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 MAX_TOP_LOGPROBS = 20
 
@@ -56,6 +57,7 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    speculative: bool | None = None          # thrifty extra: false = no speculative decoding for this request
     cache: CacheOptions | None = None        # thrifty / LiteLLM extra: per-request cache controls
 
 
@@ -116,6 +118,17 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    # thrifty extras, only where speculative decoding ran for the request: draft tokens proposed, and kept
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for key in ("draft_tokens", "accepted_tokens"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class TopLogprob(BaseModel):
