@@ -10,7 +10,7 @@ import torch
 
 from thrifty.engine import determinism
 from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
-from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache
+from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache, check_kv_cache_dtype, kv_cache_dtype
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
@@ -27,7 +27,8 @@ class EngineConfig:
     device: str | None = None               # auto (None): CUDA when present, else cpu
     kv_cache_memory: float = 1.0            # GiB for the KV cache
     num_kv_blocks: int | None = None        # exact block count, overrides kv_cache_memory (tests, benchmarks)
-    kv_cache_dtype: str = "auto"            # auto = the model's dtype
+    kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32, int8, fp8_e4m3,
+                                            # fp8_e5m2 (int8 / fp8: a float16 scale per token and KV head)
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
@@ -42,6 +43,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | str | None = None   # speculative decoding; None: off
 
     def __post_init__(self) -> None:
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -104,7 +106,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.config, self.loaded = config, loaded
         self.tokenizer = loaded.tokenizer
-        kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _kv_dtype(config.kv_cache_dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
         spec = KVCacheSpec.from_budget(loaded.config, config.kv_cache_memory, config.block_size, kv_dtype,
                                        config.num_kv_blocks)
         self.kv_cache = PagedKVCache(spec, loaded.device)
@@ -326,14 +328,6 @@ class LLMEngine:
             seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
             delta, new_tokens, seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
             list(seq.logprobs), usage)
-
-
-def _kv_dtype(name: str) -> torch.dtype:
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    if name not in dtypes:
-        raise InvalidRequestError(f"unknown kv_cache_dtype '{name}'", f"use auto or one of {', '.join(dtypes)}",
-                                  param="kv_cache_dtype")
-    return dtypes[name]
 
 
 def _prompt_and_decode_rows(batch: list[StepInput]) -> tuple[int, int]:
