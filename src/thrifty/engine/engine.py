@@ -28,7 +28,7 @@ class EngineConfig:
     kv_cache_memory: float = 1.0            # GiB for the KV cache
     num_kv_blocks: int | None = None        # exact block count, overrides kv_cache_memory (tests, benchmarks)
     kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32, int8, fp8_e4m3,
-                                            # fp8_e5m2 (int8 / fp8: a float16 scale per token and KV head)
+                                            # fp8_e5m2 (int8 / fp8: a bfloat16 scale per token and KV head)
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64

@@ -2,7 +2,7 @@
 or by whole blocks.
 
 Sized from a memory budget. The storage dtype is a property of the cache, not of the model: reads come
-back in the compute dtype. int8 / fp8 storage (ops/kv_quant.py) adds a float16 scale per token and KV head,
+back in the compute dtype. int8 / fp8 storage (ops/kv_quant.py) adds a bfloat16 scale per token and KV head,
 allocated beside the blocks and counted in every byte figure here.
 """
 from __future__ import annotations

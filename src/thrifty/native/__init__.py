@@ -159,7 +159,7 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int | None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """k_scale / v_scale: the float16 per-row scales of an int8 / fp8 cache (None for a float cache)."""
+    """k_scale / v_scale: the bfloat16 per-row scales of an int8 / fp8 cache (None for a float cache)."""
     return torch.ops.thrifty.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
                                               window or 0, k_scale, v_scale)
 

@@ -1,7 +1,7 @@
 """One layer's paged K and V storage: the tensors the attention op writes new tokens into and reads contexts from.
 
 Allocated by the engine's PagedKVCache (engine/kv_cache.py), which sizes it from a memory budget; addressed by
-slot (block_id * block_size + offset) or by whole blocks. Quantized formats (ops/kv_quant.py) keep a float16
+slot (block_id * block_size + offset) or by whole blocks. Quantized formats (ops/kv_quant.py) keep a bfloat16
 scale per (KV head, slot) beside the blocks; reads come back dequantized in the compute dtype.
 """
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """Quantized KV storage formats: int8 and fp8 (e4m3 / e5m2) with one scale per token and KV head.
 
 Each cached row (one token's K or V for one KV head, head_dim values) is stored as `round(x / s)` in the
-storage dtype with s = absmax(row) / qmax (symmetric), and s is kept beside the blocks as float16. A scale per
+storage dtype with s = absmax(row) / qmax (symmetric), and s is kept beside the blocks as bfloat16. A scale per
 row, not per block or per layer, so appending a token never re-quantizes its block's older tokens, and nothing
 depends on which request wrote first: a prefix-cache hit, a preempted request's recompute and a trimmed
-speculative draft see exactly the KV a cold run writes. float16 scales cost 2 bytes per 64-value row (KV bytes
-per token 0.52x bf16 at head_dim 64, where float32 scales would be 0.53x), and their rounding (2^-11) is far
-below the int8 step (1/127 of the row's absmax).
+speculative draft see exactly the KV a cold run writes.
+
+2-byte scales: KV bytes per token 0.52x bf16 at head_dim 64 (float32 scales: 0.53x). bfloat16 rather than
+float16 for its exponent range: absmax / 57344 (fp8_e5m2) is a float16 subnormal for any row under ~3.5, which
+would cost the scale its precision. The scale is rounded *up* to bfloat16, so no code clips; that wastes at most
+2^-8 of the code range.
 
 The torch functions here are the reference the native write (`kv_write_`) and decode attention reproduce.
 """
@@ -14,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-SCALE_DTYPE = torch.float16
+SCALE_DTYPE = torch.bfloat16
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-MIN_SCALE = 2.0 ** -24     # float16's smallest subnormal: an all-zero row still gets a positive scale
+MIN_SCALE = 2.0 ** -100    # an all-zero row still gets a positive scale
 
 
 def is_quantized(dtype: torch.dtype) -> bool:
@@ -30,13 +33,19 @@ def scale_bytes(dtype: torch.dtype) -> int:
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] (any float dtype) -> (codes [..., D] in `dtype`, scales [...] float16), per row over D."""
+    """x [..., D] (any float dtype) -> (codes [..., D] in `dtype`, scales [...] bfloat16), per row over D."""
     qmax = QMAX[dtype]
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / qmax).clamp_min(MIN_SCALE).to(SCALE_DTYPE)
+    scale = round_up_bf16((xf.abs().amax(dim=-1) / qmax).clamp_min(MIN_SCALE))
     y = (xf / scale.float()[..., None]).clamp(-qmax, qmax)   # clamp: a rounding past qmax would be NaN in fp8
     codes = y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
     return codes, scale
+
+
+def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Positive finite float32 -> the smallest bfloat16 >= it (bf16 is the top half of a float32)."""
+    bits = (x.float().view(torch.int32) + 0xFFFF) & ~0xFFFF
+    return bits.view(torch.float32).to(SCALE_DTYPE)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

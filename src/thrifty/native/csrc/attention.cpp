@@ -1,12 +1,12 @@
 // Paged attention for decode steps, and the KV-cache write, on the CPU. Reference: ops/attention.py.
 //
 //   decode_attention(q [B, H, D], k_cache, v_cache [Hkv, blocks, block_size, D], block_tables [B, nb],
-//                    context_lens [B], scale, window, k_scale?, v_scale? [Hkv, blocks, block_size]) -> [B, H, D]
+//                    context_lens [B], scale, window, k_scale?, v_scale? [Hkv, blocks, block_size] bf16) -> [B, H, D]
 //   kv_write_(k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D], slots [T], k_scale?, v_scale?)
 //
 // One task per (sequence, KV head): its G = H / Hkv query heads read each cached K and V row once, straight
 // from the blocks (no gather copy, no padding to the longest context). Scores, softmax and the weighted sum
-// of V run in float32; K / V are float32 or bfloat16, or int8 / fp8 codes with a float16 scale per row
+// of V run in float32; K / V are float32 or bfloat16, or int8 / fp8 codes with a bfloat16 scale per row
 // (ops/kv_quant.py): a row's codes widen to float32 in registers and its scale multiplies the row's score (K)
 // or its probability (V), so a quantized context is never dequantized into memory.
 #include "vec.h"
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -56,14 +57,15 @@ inline __m256 load_row8(const float* p) { return load8(p); }
 inline __m256 load_row8(const at::BFloat16* p) { return load8(p); }
 template <typename T> inline __m256 load_row8(const T* p) { return load_code8(p); }
 
-// A row's scale: 1 for float caches (no scales), else its float16 scale times the code factor.
+// A row's scale: 1 for float caches (no scales), else its bfloat16 scale times the code factor.
 template <typename KV>
-inline float row_scale(const at::Half* scales, int64_t slot) {
-  return scales == nullptr ? 1.0f : _cvtsh_ss(scales[slot].x) * code_factor<KV>();
+inline float row_scale(const at::BFloat16* scales, int64_t slot) {
+  return scales == nullptr ? 1.0f : to_float(scales[slot]) * code_factor<KV>();
 }
 
 template <typename Q, typename KV>
-void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::Half* ks, const at::Half* vs,
+void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::BFloat16* ks,
+              const at::BFloat16* vs,
               const int64_t* table, int64_t bs, int64_t start, int64_t ctx, float scale, Q* out,
               int64_t out_head_stride, std::vector<float>& scores) {
   alignas(32) float qf[kMaxGroup][kMaxDim];
@@ -156,14 +158,14 @@ bool is_quantized(at::ScalarType t) {
   return t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
 }
 
-// The scales of a quantized cache ([Hkv, blocks, block_size] float16), or nullptr for a float cache.
-const at::Half* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales, const char* what) {
+// The scales of a quantized cache ([Hkv, blocks, block_size] bfloat16), or nullptr for a float cache.
+at::BFloat16* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales, const char* what) {
   if (!is_quantized(cache.scalar_type())) return nullptr;
-  TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
+  TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() &&
                   scales->dim() == 3 && scales->size(0) == cache.size(0) && scales->size(1) == cache.size(1) &&
                   scales->size(2) == cache.size(2),
-              what, ": an int8 / fp8 cache needs float16 scales [Hkv, blocks, block_size]");
-  return scales->data_ptr<at::Half>();
+              what, ": an int8 / fp8 cache needs bfloat16 scales [Hkv, blocks, block_size]");
+  return scales->data_ptr<at::BFloat16>();
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -182,8 +184,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                   block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
                   context_lens.numel() == b && context_lens.is_contiguous(),
               "thrifty decode_attention: int64 block_tables [B, nb] and context_lens [B]");
-  const at::Half* ks = scales_of(k_cache, k_scale, "thrifty decode_attention");
-  const at::Half* vs = scales_of(v_cache, v_scale, "thrifty decode_attention");
+  const at::BFloat16* ks = scales_of(k_cache, k_scale, "thrifty decode_attention");
+  const at::BFloat16* vs = scales_of(v_cache, v_scale, "thrifty decode_attention");
   const int64_t nb = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -218,17 +220,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-// One row quantized as ops/kv_quant.py quantize() does it: s = float16(max(absmax / qmax, 2^-24)), codes
-// round(x / s) (int8, nearest even) or x / s cast to fp8 (c10's round-to-nearest-even), clamped to +-qmax.
+// One row quantized as ops/kv_quant.py quantize() does it: s = max(absmax / qmax, 2^-100) rounded up to
+// bfloat16, codes round(x / s) (int8, nearest even) or x / s cast to fp8 (c10's round-to-nearest-even),
+// clamped to +-qmax.
 template <typename C>
-void quantize_row(const float* x, int64_t d, C* codes, at::Half* scale) {
+void quantize_row(const float* x, int64_t d, C* codes, at::BFloat16* scale) {
   constexpr float qmax = std::is_same_v<C, int8_t> ? 127.0f
                          : std::is_same_v<C, at::Float8_e4m3fn> ? 448.0f : 57344.0f;
   float amax = 0.0f;
   for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const uint16_t bits = _cvtss_sh(std::max(amax / qmax, 5.9604644775390625e-8f), _MM_FROUND_TO_NEAREST_INT);
-  scale->x = bits;
-  const float s = _cvtsh_ss(bits);
+  uint32_t bits;
+  const float raw = std::max(amax / qmax, 7.888609052210118e-31f);   // 2^-100
+  std::memcpy(&bits, &raw, 4);
+  bits = (bits + 0xFFFFu) & ~0xFFFFu;
+  scale->x = static_cast<uint16_t>(bits >> 16);
+  float s;
+  std::memcpy(&s, &bits, 4);
   for (int64_t j = 0; j < d; ++j) {
     const float y = std::clamp(x[j] / s, -qmax, qmax);
     if constexpr (std::is_same_v<C, int8_t>)
@@ -240,17 +247,17 @@ void quantize_row(const float* x, int64_t d, C* codes, at::Half* scale) {
 
 // One [D] row into the cache: copied (float / bf16 caches) or quantized with its scale (int8 / fp8).
 template <typename S>
-inline void write_row(const S* from, int64_t d, float* to, at::Half*) {
+inline void write_row(const S* from, int64_t d, float* to, at::BFloat16*) {
   for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
 }
 
 template <typename S>
-inline void write_row(const S* from, int64_t d, at::BFloat16* to, at::Half*) {
+inline void write_row(const S* from, int64_t d, at::BFloat16* to, at::BFloat16*) {
   for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
 }
 
 template <typename S, typename C>
-inline void write_row(const S* from, int64_t d, C* to, at::Half* scale) {
+inline void write_row(const S* from, int64_t d, C* to, at::BFloat16* scale) {
   alignas(32) float row[kMaxDim];
   for (int64_t j = 0; j < d; j += 8) store8(row + j, load8(from + j));
   quantize_row(row, d, to, scale);
@@ -268,8 +275,8 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
               "thrifty kv_write_: k, v must be [T, Hkv, D] with contiguous rows");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0) && slots.is_contiguous(),
               "thrifty kv_write_: int64 slots [T]");
-  at::Half* scales[2] = {const_cast<at::Half*>(scales_of(k_cache, k_scale, "thrifty kv_write_")),
-                         const_cast<at::Half*>(scales_of(v_cache, v_scale, "thrifty kv_write_"))};
+  at::BFloat16* scales[2] = {scales_of(k_cache, k_scale, "thrifty kv_write_"),
+                             scales_of(v_cache, v_scale, "thrifty kv_write_")};
   const int64_t t = k.size(0);
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i)
@@ -286,7 +293,7 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
         for (int64_t i = 0; i < t; ++i)
           for (int64_t hh = 0; hh < hkv; ++hh) {
             const S* from = sp + i * srcs[which]->stride(0) + hh * srcs[which]->stride(1);
-            at::Half* scale = scales[which] ? scales[which] + hh * nslots + sl[i] : nullptr;
+            at::BFloat16* scale = scales[which] ? scales[which] + hh * nslots + sl[i] : nullptr;
             write_row(from, d, cp + (hh * nslots + sl[i]) * d, scale);
           }
       }
