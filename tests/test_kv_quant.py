@@ -214,8 +214,9 @@ def test_bench_kv_writes_the_tables_and_json(tmp_path, capsys):
     rows = {r["kv_dtype"]: r for r in report["rows"]}
     assert list(rows) == ["bfloat16", "int8", "fp8_e4m3"]
     assert rows["bfloat16"]["kl_vs_bf16"] == 0 and rows["int8"]["kl_vs_bf16"] > 0
-    assert rows["int8"]["bytes_vs_bf16"] < 0.53 and rows["int8"]["sequences_in_budget"]["100"] > \
-        1.9 * rows["bfloat16"]["sequences_in_budget"]["100"]
+    # the tiny model's head_dim is 32: (32 + 2) / 64 = 0.53 (0.52 at the real models' 64)
+    assert rows["int8"]["bytes_vs_bf16"] < 0.54 and rows["int8"]["sequences_in_budget"]["100"] > \
+        1.8 * rows["bfloat16"]["sequences_in_budget"]["100"]
     assert {(d["engine"], d["context"]) for d in report["decode"]} == \
         {(f"thrifty {k}", c) for k in rows for c in (40, 100)}
     assert all(d["decode_tok_s"] > 0 for d in report["decode"])
