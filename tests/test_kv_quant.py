@@ -25,11 +25,28 @@ needs_native = pytest.mark.skipif(not native.available(), reason="thrifty's nati
 
 
 def cache(dtype: torch.dtype, hkv: int = 2, blocks: int = 12, block_size: int = 16, d: int = 64) -> LayerKVCache:
+    """One layer's cache; a quantized one with a K shift and divisor (outlier channels, as Qwen2's keys have)."""
     spec = KVCacheSpec(1, hkv, d, block_size, blocks, dtype)
-    return PagedKVCache(spec).layers[0]
+    channel = torch.ones(1, hkv, d)
+    channel[..., 3], channel[..., 3 + d // 2] = 20.0, 20.0
+    shift = torch.zeros(1, hkv, d)
+    shift[..., 3] = 30.0
+    return PagedKVCache(spec, k_transform=(shift, channel)).layers[0]
 
 
 # ---- the quantizer ---------------------------------------------------------------------------------------
+def test_k_channel_divisor_keeps_small_channels_precise():
+    torch.manual_seed(3)
+    k = torch.randn(64, 2, 64)
+    k[..., 3] *= 50
+    channel = torch.ones(2, 64)
+    channel[..., 3] = 50.0
+    plain = kv_quant.dequantize(*kv_quant.quantize(k, torch.int8), torch.float32)
+    divided = kv_quant.dequantize(*kv_quant.quantize(k, torch.int8, channel), torch.float32, channel)
+    small = [c for c in range(64) if c != 3]
+    assert (divided - k)[..., small].abs().mean() < 0.1 * (plain - k)[..., small].abs().mean()
+
+
 @pytest.mark.parametrize("dtype", list(QUANT.values()), ids=list(QUANT))
 def test_round_trip_error_bound(dtype):
     torch.manual_seed(0)
@@ -78,6 +95,7 @@ def decode_case(dtype: torch.dtype, window: int | None):
     for i, n in enumerate(lens.tolist()):
         slots = (tables[i, :, None] * 16 + torch.arange(16)).flatten()[:n]
         k, v = torch.randn(n, 2, 64) * 2, torch.randn(n, 2, 64)
+        k[..., 3] = k[..., 3] * 20 + 30                                      # an outlier channel
         c.write(k, v, slots)
         exact.write(k, v, slots)
     q = torch.randn(len(lens), 8, 64)
@@ -86,7 +104,8 @@ def decode_case(dtype: torch.dtype, window: int | None):
 
 
 def attend(layer: LayerKVCache, q, tables, lens, window) -> torch.Tensor:
-    """The torch reference over the cache's dequantized contents, one sequence at a time."""
+    """The torch reference over the cache's dequantized contents, one sequence at a time (K less its shift: the
+    same attention)."""
     k, v = layer.read_blocks(tables, torch.float32)
     return torch.stack([reference_attention(q[i:i + 1], k[:, i, :n].transpose(0, 1), v[:, i, :n].transpose(0, 1),
                                             0.125, window)[0] for i, n in enumerate(lens.tolist())])

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from thrifty.bench.report import fmt, markdown_table
 from thrifty.bench.stats import hardware_info, now_iso
+from thrifty.engine import kv_calibration
 from thrifty.engine.kv_cache import KV_CACHE_DTYPES, KVCacheSpec, PagedKVCache, check_kv_cache_dtype
 from thrifty.errors import InvalidRequestError
 from thrifty.ops.attention_metadata import AttentionMetadata
@@ -95,14 +96,15 @@ def _prefill_context(loaded, ids: list[int]):
 
 
 @torch.inference_mode()
-def _decode_speed(loaded, source, context: int, batch: int, steps: int, kv_dtype: str) -> dict:
+def _decode_speed(loaded, source, context: int, batch: int, steps: int, kv_dtype: str,
+                  k_transform: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Timed decode steps of `batch` rows, each over its own copy of the prefilled context in `kv_dtype`."""
     layers, slots, first = source
     cfg, device = loaded.config, loaded.device
     per_seq = -(-(context + steps + 4) // BLOCK)
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, BLOCK, per_seq * batch,
                        KV_CACHE_DTYPES[kv_dtype])
-    cache = PagedKVCache(spec, device)
+    cache = PagedKVCache(spec, device, k_transform)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     for src, dst in zip(layers, cache.layers):
         k, v = (t.transpose(0, 1) for t in src.read(slots, torch.float32))     # [C, Hkv, D]
@@ -163,13 +165,14 @@ def run_kv(cfg: KVBenchConfig) -> dict:
         row["ppl_vs_bf16"] = row["ppl"] / ref["ppl"] - 1
 
     ids = _context_ids(tok, max(cfg.context))
+    k_transform = kv_calibration.calibrate(loaded)
     decode = []
     for context in tqdm(cfg.context, desc="bench kv: decode", unit="context", disable=not cfg.progress):
         start = time.monotonic()
         source = _prefill_context(loaded, ids[:context])
         prefill_s = time.monotonic() - start
         for name in cfg.kv_dtypes:
-            decode.append({**_decode_speed(loaded, source, context, cfg.batch, cfg.steps, name),
+            decode.append({**_decode_speed(loaded, source, context, cfg.batch, cfg.steps, name, k_transform),
                            "prefill_s": prefill_s})
         del source
     if cfg.llamacpp:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from thrifty.engine import determinism
+from thrifty.engine import determinism, kv_calibration
 from thrifty.engine.block_manager import BlockManager, PrefixCacheStats
 from thrifty.engine.kv_cache import KVCacheSpec, PagedKVCache, check_kv_cache_dtype, kv_cache_dtype
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
@@ -19,6 +19,7 @@ from thrifty.engine.speculative import SpeculativeConfig, Speculator
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
+from thrifty.ops.kv_quant import is_quantized as quantized
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,7 +110,7 @@ class LLMEngine:
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
         spec = KVCacheSpec.from_budget(loaded.config, config.kv_cache_memory, config.block_size, kv_dtype,
                                        config.num_kv_blocks)
-        self.kv_cache = PagedKVCache(spec, loaded.device)
+        self.kv_cache = PagedKVCache(spec, loaded.device, kv_calibration.calibrate(loaded) if quantized(kv_dtype) else None)
         self.block_manager = BlockManager(spec.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)

@@ -72,7 +72,10 @@ def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: i
 class PagedKVCache:
     """All layers' KV storage, allocated once."""
 
-    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu",
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """k_transform: (shift, divisor), each [num_layers, num_kv_heads, head_dim], of an int8 / fp8 cache's K
+        (engine/kv_calibration.py); ignored by float caches."""
         self.spec = spec
         shape = (spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         self._k = torch.zeros(shape, dtype=spec.dtype, device=device)
@@ -80,7 +83,13 @@ class PagedKVCache:
         self._scales: tuple[torch.Tensor, torch.Tensor] | None = None
         if kv_quant.is_quantized(spec.dtype):
             self._scales = tuple(torch.ones(shape[:-1], dtype=kv_quant.SCALE_DTYPE, device=device) for _ in "kv")
-        self.layers = [LayerKVCache(self._k[i], self._v[i], *self._layer_scales(i)) for i in range(spec.num_layers)]
+        shift = divisor = None
+        if self._scales is not None and k_transform is not None:
+            shift, divisor = (t.to(device=device, dtype=torch.float32) for t in k_transform)
+        self.layers = [LayerKVCache(self._k[i], self._v[i], *self._layer_scales(i),
+                                    *((shift[i].contiguous(), divisor[i].contiguous()) if shift is not None
+                                      else (None, None)))
+                       for i in range(spec.num_layers)]
 
     def _layer_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self._scales is None else (self._scales[0][layer], self._scales[1][layer])

@@ -158,13 +158,17 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
 # ---- paged attention (reference: thrifty.ops.attention) ------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int | None,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """k_scale / v_scale: the bfloat16 per-row scales of an int8 / fp8 cache (None for a float cache)."""
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     k_channel: torch.Tensor | None = None) -> torch.Tensor:
+    """k_scale / v_scale: the bfloat16 per-row scales of an int8 / fp8 cache (None for a float cache);
+    k_channel: K's float32 per-channel divisor [Hkv, D] (ops/kv_quant.py), or None."""
     return torch.ops.thrifty.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
-                                              window or 0, k_scale, v_scale)
+                                              window or 0, k_scale, v_scale, k_channel)
 
 
 def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
-    """Writes k, v [T, Hkv, D] at slots; into an int8 / fp8 cache quantized per row, scales into k/v_scale."""
-    torch.ops.thrifty.kv_write_(k_cache, v_cache, k, v, slots, k_scale, v_scale)
+              slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+              k_channel: torch.Tensor | None = None, k_shift: torch.Tensor | None = None) -> None:
+    """Writes k, v [T, Hkv, D] at slots; into an int8 / fp8 cache quantized per row (K as (k - k_shift) /
+    k_channel), scales into k/v_scale."""
+    torch.ops.thrifty.kv_write_(k_cache, v_cache, k, v, slots, k_scale, v_scale, k_channel, k_shift)

@@ -68,7 +68,8 @@ def _chunk_as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan, s
     n = q.shape[0]
     lens = torch.arange(span.context_len - n + 1, span.context_len + 1, dtype=torch.long, device=q.device)
     tables = span.blocks[None].expand(n, -1).contiguous()
-    return native.decode_attention(q, cache.k, cache.v, tables, lens, scale, window, cache.k_scale, cache.v_scale)
+    return native.decode_attention(q, cache.k, cache.v, tables, lens, scale, window, cache.k_scale, cache.v_scale,
+                                   cache.k_channel)
 
 
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
@@ -76,7 +77,8 @@ def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale
     b, h, d = q.shape
     if native.runs(q) and cache.native_reads() and d % 8 == 0:    # one fused kernel over the blocks
         return native.decode_attention(q, cache.k, cache.v, meta.decode_blocks, meta.decode_context_lens, scale,
-                                       window, cache.k_scale, cache.v_scale)
+                                       window, cache.k_scale, cache.v_scale,
+                                   cache.k_channel)
     dt = matmul_dtype(q.dtype, q.device, b * h)                     # float32 where bf16 math is emulated
     keys, values = cache.read_blocks(meta.decode_blocks, dt)       # [Hkv, B, L, D], L = whole blocks
     hkv = keys.shape[0]

@@ -11,6 +11,15 @@ float16 for its exponent range: absmax / 57344 (fp8_e5m2) is a float16 subnormal
 would cost the scale its precision. The scale is rounded *up* to bfloat16, so no code clips; that wastes at most
 2^-8 of the code range.
 
+K is first shifted and divided per channel by two fixed vectors (`shift`, `channel`: one per layer and KV head,
+engine/kv_calibration.py): Qwen2's keys carry a few channels tens of times larger than the rest (mostly a constant
+from the k_proj bias), which would set every row's absmax and leave the other channels a handful of int8 steps.
+Subtracting the channel's mean and dividing by its spread evens them out, at no cost to the attention: every key
+of a query moves by the same `shift`, which adds one constant to all its scores and leaves the softmax as it was
+(so the shift is never added back), and the query is multiplied by `channel` instead of K being multiplied
+(q . k = (q * c) . (k / c)). The per-row absmax still bounds every code, so a channel larger than its
+calibration says never clips. Reads of a shifted K return K - shift: fit for attention only.
+
 The torch functions here are the reference the native write (`kv_write_`) and decode attention reproduce.
 """
 from __future__ import annotations
@@ -32,10 +41,13 @@ def scale_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=SCALE_DTYPE).element_size() if is_quantized(dtype) else 0
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] (any float dtype) -> (codes [..., D] in `dtype`, scales [...] bfloat16), per row over D."""
+def quantize(x: torch.Tensor, dtype: torch.dtype, channel: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (any float dtype) -> (codes [..., D] in `dtype`, scales [...] bfloat16), per row over D, of
+    (x - shift) / channel (float32, broadcast against x) where those are given."""
     qmax = QMAX[dtype]
-    xf = x.float()
+    xf = x.float() if shift is None else x.float() - shift
+    xf = xf if channel is None else xf / channel
     scale = round_up_bf16((xf.abs().amax(dim=-1) / qmax).clamp_min(MIN_SCALE))
     y = (xf / scale.float()[..., None]).clamp(-qmax, qmax)   # clamp: a rounding past qmax would be NaN in fp8
     codes = y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
@@ -48,6 +60,8 @@ def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32).to(SCALE_DTYPE)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               channel: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse: codes [..., D], scales [...] -> [..., D] in `dtype` (computed in float32)."""
-    return (codes.float() * scale.float()[..., None]).to(dtype)
+    x = codes.float() * scale.float()[..., None]
+    return (x if channel is None else x * channel).to(dtype)

@@ -1,8 +1,10 @@
 // Paged attention for decode steps, and the KV-cache write, on the CPU. Reference: ops/attention.py.
 //
 //   decode_attention(q [B, H, D], k_cache, v_cache [Hkv, blocks, block_size, D], block_tables [B, nb],
-//                    context_lens [B], scale, window, k_scale?, v_scale? [Hkv, blocks, block_size] bf16) -> [B, H, D]
-//   kv_write_(k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D], slots [T], k_scale?, v_scale?)
+//                    context_lens [B], scale, window, k_scale?, v_scale? [Hkv, blocks, block_size] bf16,
+//                    k_channel? [Hkv, D] float32) -> [B, H, D]
+//   kv_write_(k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D], slots [T], k_scale?, v_scale?, k_channel?,
+//             k_shift?)   K stored as (k - k_shift) / k_channel (ops/kv_quant.py)
 //
 // One task per (sequence, KV head): its G = H / Hkv query heads read each cached K and V row once, straight
 // from the blocks (no gather copy, no padding to the longest context). Scores, softmax and the weighted sum
@@ -65,12 +67,15 @@ inline float row_scale(const at::BFloat16* scales, int64_t slot) {
 
 template <typename Q, typename KV>
 void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::BFloat16* ks,
-              const at::BFloat16* vs,
-              const int64_t* table, int64_t bs, int64_t start, int64_t ctx, float scale, Q* out,
-              int64_t out_head_stride, std::vector<float>& scores) {
+              const at::BFloat16* vs, const float* kch, const int64_t* table, int64_t bs, int64_t start, int64_t ctx,
+              float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores) {
   alignas(32) float qf[kMaxGroup][kMaxDim];
   for (int64_t h = 0; h < g; ++h)
-    for (int64_t j = 0; j < d; j += 8) store8(qf[h] + j, _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale)));
+    for (int64_t j = 0; j < d; j += 8) {
+      __m256 x = _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale));
+      if (kch != nullptr) x = _mm256_mul_ps(x, _mm256_loadu_ps(kch + j));   // q . k = (q * c) . (k / c)
+      store8(qf[h] + j, x);
+    }
   const int64_t n = ctx - start;
   scores.resize(static_cast<size_t>(g * n));
   float* sc = scores.data();
@@ -168,10 +173,19 @@ at::BFloat16* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>
   return scales->data_ptr<at::BFloat16>();
 }
 
+// K's per-channel divisor ([Hkv, D] float32) of a quantized cache, or nullptr.
+const float* channel_of(const at::Tensor& cache, const std::optional<at::Tensor>& channel, const char* what) {
+  if (!channel.has_value() || !is_quantized(cache.scalar_type())) return nullptr;
+  TORCH_CHECK(channel->scalar_type() == at::kFloat && channel->is_contiguous() && channel->dim() == 2 &&
+                  channel->size(0) == cache.size(0) && channel->size(1) == cache.size(3),
+              what, ": k_channel / k_shift must be float32 [Hkv, D]");
+  return channel->data_ptr<float>();
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                             int64_t window, const std::optional<at::Tensor>& k_scale,
-                            const std::optional<at::Tensor>& v_scale) {
+                            const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "thrifty decode_attention: q must be contiguous [B, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
@@ -186,6 +200,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               "thrifty decode_attention: int64 block_tables [B, nb] and context_lens [B]");
   const at::BFloat16* ks = scales_of(k_cache, k_scale, "thrifty decode_attention");
   const at::BFloat16* vs = scales_of(v_cache, v_scale, "thrifty decode_attention");
+  const float* kch = channel_of(k_cache, k_channel, "thrifty decode_attention");
   const int64_t nb = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -211,8 +226,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
           const int64_t head_rows = kh * nblocks * bs;
           one_head<Q, KV>(qp + (s * h + kh * g) * d, g, d, kc + head_rows * d, vc + head_rows * d,
-                          ks ? ks + head_rows : nullptr, vs ? vs + head_rows : nullptr, tables + s * nb, bs, start,
-                          ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d, scores);
+                          ks ? ks + head_rows : nullptr, vs ? vs + head_rows : nullptr, kch ? kch + kh * d : nullptr,
+                          tables + s * nb, bs, start, ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d,
+                          scores);
         }
       });
     });
@@ -247,25 +263,31 @@ void quantize_row(const float* x, int64_t d, C* codes, at::BFloat16* scale) {
 
 // One [D] row into the cache: copied (float / bf16 caches) or quantized with its scale (int8 / fp8).
 template <typename S>
-inline void write_row(const S* from, int64_t d, float* to, at::BFloat16*) {
+inline void write_row(const S* from, int64_t d, float* to, at::BFloat16*, const float*, const float*) {
   for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
 }
 
 template <typename S>
-inline void write_row(const S* from, int64_t d, at::BFloat16* to, at::BFloat16*) {
+inline void write_row(const S* from, int64_t d, at::BFloat16* to, at::BFloat16*, const float*, const float*) {
   for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
 }
 
 template <typename S, typename C>
-inline void write_row(const S* from, int64_t d, C* to, at::BFloat16* scale) {
+inline void write_row(const S* from, int64_t d, C* to, at::BFloat16* scale, const float* channel,
+                      const float* shift) {
   alignas(32) float row[kMaxDim];
   for (int64_t j = 0; j < d; j += 8) store8(row + j, load8(from + j));
+  if (shift != nullptr)
+    for (int64_t j = 0; j < d; ++j) row[j] -= shift[j];
+  if (channel != nullptr)
+    for (int64_t j = 0; j < d; ++j) row[j] /= channel[j];
   quantize_row(row, d, to, scale);
 }
 
 void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& slots, const std::optional<at::Tensor>& k_scale,
-               const std::optional<at::Tensor>& v_scale) {
+               const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel,
+               const std::optional<at::Tensor>& k_shift) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
               "thrifty kv_write_: caches must be contiguous and alike");
@@ -277,6 +299,8 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
               "thrifty kv_write_: int64 slots [T]");
   at::BFloat16* scales[2] = {scales_of(k_cache, k_scale, "thrifty kv_write_"),
                              scales_of(v_cache, v_scale, "thrifty kv_write_")};
+  const float* channels[2] = {channel_of(k_cache, k_channel, "thrifty kv_write_"), nullptr};
+  const float* shifts[2] = {channel_of(k_cache, k_shift, "thrifty kv_write_"), nullptr};
   const int64_t t = k.size(0);
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i)
@@ -294,7 +318,9 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
           for (int64_t hh = 0; hh < hkv; ++hh) {
             const S* from = sp + i * srcs[which]->stride(0) + hh * srcs[which]->stride(1);
             at::BFloat16* scale = scales[which] ? scales[which] + hh * nslots + sl[i] : nullptr;
-            write_row(from, d, cp + (hh * nslots + sl[i]) * d, scale);
+            const float* channel = channels[which] ? channels[which] + hh * d : nullptr;
+            const float* shift = shifts[which] ? shifts[which] + hh * d : nullptr;
+            write_row(from, d, cp + (hh * nslots + sl[i]) * d, scale, channel, shift);
           }
       }
     });
@@ -306,9 +332,9 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-          "float scale, int window, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
+          "float scale, int window, Tensor? k_scale=None, Tensor? v_scale=None, Tensor? k_channel=None) -> Tensor");
   lib.def("kv_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots, "
-          "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> ()");
+          "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, Tensor? k_channel=None, Tensor? k_shift=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thrifty, CPU, lib) {
