@@ -99,7 +99,7 @@ def decode_case(dtype: torch.dtype, window: int | None):
         c.write(k, v, slots)
         exact.write(k, v, slots)
     q = torch.randn(len(lens), 8, 64)
-    out = native.decode_attention(q, c.k, c.v, tables, lens, 0.125, window, c.k_scale, c.v_scale)
+    out = native.decode_attention(q, c.k, c.v, tables, lens, 0.125, window, c.k_scale, c.v_scale, c.k_channel)
     return c, exact, q, tables, lens, out
 
 
@@ -116,16 +116,21 @@ def attend(layer: LayerKVCache, q, tables, lens, window) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", list(QUANT.values()), ids=list(QUANT))
 def test_native_decode_reads_the_quantized_cache(dtype, window):
     c, exact, q, tables, lens, out = decode_case(dtype, window)
-    torch.testing.assert_close(out, attend(c, q, tables, lens, window), rtol=1e-5, atol=2e-6)
-    # and stays near attention over the unquantized K/V (random data: no structure to protect)
-    loose = {torch.int8: 0.03, torch.float8_e4m3fn: 0.2, torch.float8_e5m2: 0.4}[dtype]
-    assert (out - attend(exact, q, tables, lens, window)).abs().max() < loose
+    # scores reach +-20 through the outlier channel: float32 summation order shows at ~1e-5
+    torch.testing.assert_close(out, attend(c, q, tables, lens, window), rtol=1e-4, atol=1e-4)
+    # and stays near attention over the unquantized K/V: a gross-breakage bound only (random data, and the 20x
+    # outlier channel drives scores to +-20, so one code step there moves the softmax visibly; measured max
+    # 0.06-0.11 int8, 0.27-0.31 fp8_e4m3, 2.1 fp8_e5m2 with its 2-bit mantissa)
+    loose = {torch.int8: 0.2, torch.float8_e4m3fn: 0.6, torch.float8_e5m2: 3.0}[dtype]
+    err = float((out - attend(exact, q, tables, lens, window)).abs().max())
+    assert err < loose, err
 
 
 @needs_native
 def test_native_decode_of_a_bf16_query_over_int8():
     c, _, q, tables, lens, _ = decode_case(torch.int8, None)
-    out = native.decode_attention(q.bfloat16(), c.k, c.v, tables, lens, 0.125, None, c.k_scale, c.v_scale)
+    out = native.decode_attention(q.bfloat16(), c.k, c.v, tables, lens, 0.125, None, c.k_scale, c.v_scale,
+                                  c.k_channel)
     torch.testing.assert_close(out.float(), attend(c, q.bfloat16().float(), tables, lens, None), rtol=0.02, atol=0.02)
 
 
