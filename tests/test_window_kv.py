@@ -123,3 +123,17 @@ def test_window_bench_reports_held_kv_and_identical_outputs(gemma):
     # 2 of 4 layers global, the local ones a window's worth of 96 tokens
     assert 0.5 < report["held_vs_full_attention"] < 0.5 + 0.5 * window_blocks(WINDOW, BS) * BS / 96 + 1e-9
     assert "held KV MiB" in summary(report)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_quantized_kv_frees_window_blocks_with_the_same_outputs(gemma, kv_dtype):
+    """int8 / fp8 KV on the window groups (each group's K transform is its layers' slice): freeing blocks
+    changes nothing, with prefix hits, and the quantized cache stays close to the float one."""
+    batch = prompts(6, seed=3, shared=24)
+    kept = run_checked(engine(gemma, kv_cache_dtype=kv_dtype, free_window_blocks=False), batch)
+    freed_engine = engine(gemma, kv_cache_dtype=kv_dtype)
+    assert isinstance(freed_engine.block_manager, GroupedBlockManager)
+    assert run_checked(freed_engine, batch) == kept
+    floats = run_checked(engine(gemma), batch)
+    same_first = sum(a[0] == b[0] for a, b in zip(kept, floats))
+    assert same_first >= len(batch) - 1, same_first

@@ -44,7 +44,15 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _kv_cache_dtype_flag(p, "auto")
     _speculative_flags(p)
+
+
+def _kv_cache_dtype_flag(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--kv-cache-dtype", default=default,
+                   help="KV cache storage: auto (the model's dtype), bfloat16, float16, float32, int8, fp8_e4m3, "
+                        "fp8_e5m2 (int8 / fp8: about half the bytes of bf16, a scale per token and KV head)"
+                        + ("" if default else " (default: the config's engine.kv_cache_dtype, else auto)"))
 
 
 def _speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +86,7 @@ def _run_generate(args: argparse.Namespace) -> None:
                             top_k=args.top_k, seed=args.seed)
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
-                                   weights=args.weights, device=args.device,
+                                   weights=args.weights, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
                                    speculative=_speculative_section(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
@@ -103,6 +111,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu or cuda (default: the config's engine.device, else auto)")
     p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
                                      "named by server.api_key_env; unset: no auth)")
+    _kv_cache_dtype_flag(p, None)
     _speculative_flags(p)
 
 
@@ -119,6 +128,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         config.server.port = args.port
     if args.device:
         config.engine["device"] = args.device
+    if args.kv_cache_dtype:
+        config.engine["kv_cache_dtype"] = args.kv_cache_dtype
     speculative = _speculative_section(args, config.engine.get("speculative"))
     if speculative is not None:
         config.engine["speculative"] = speculative
@@ -146,6 +157,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import serve_command
 
         serve_command.add_parser(suites)
+    if "kv" not in suites.choices:
+        from thrifty.bench import kv
+
+        kv.add_parser(suites)
 
 
 def _run_bench(args: argparse.Namespace) -> None:
@@ -158,6 +173,11 @@ def _run_bench(args: argparse.Namespace) -> None:
         from thrifty.bench.router import run as run_router
 
         run_router(args)
+        return
+    if getattr(args, "bench_command", None) == "kv":
+        from thrifty.bench.kv import run as run_kv
+
+        run_kv(args)
         return
     if getattr(args, "bench_command", None) == "gateway":
         from thrifty.bench.gateway import run as run_gateway

@@ -4,6 +4,7 @@
     engine:                                # EngineConfig fields (thrifty.engine.engine)
       dtype: auto
       kv_cache_memory: 1.0
+      kv_cache_dtype: auto                 # or bfloat16, float16, float32, int8, fp8_e4m3, fp8_e5m2
       max_num_seqs: 64
     server:
       host: 127.0.0.1

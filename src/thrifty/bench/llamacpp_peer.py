@@ -202,3 +202,71 @@ def run(path: str, all_requests: list[BenchRequest], concurrencies: list[int],
         return results
     finally:
         model.close()
+
+
+def decode_at_context(path: str, prompt: list[int], contexts: list[int], batch: int, steps: int, kv_type: str,
+                      threads: int, progress: bool = True) -> list[dict]:
+    """Decode tok/s of `batch` sequences each holding a `context`-token KV (`bench kv`): one context per run with
+    one KV stream per sequence (kv_unified off, so a sequence attends only its own cells, as thrifty's do),
+    K and V stored as `kv_type` (f16, q8_0; flash attention on, which a quantized V cache needs). The first
+    sequence is prefilled with prompt[:context] once and copied to the others (llama_memory_seq_cp: a physical
+    copy between streams); then `steps` timed llama_decode calls of one token per sequence, greedy argmax."""
+    lib = ensure_installed()
+    model = LlamaCppModel(path, threads)
+    types = {"f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0}
+    try:
+        rows = []
+        for context in tqdm(contexts, desc=f"llama.cpp {kv_type}", disable=not progress, leave=False):
+            cp = lib.llama_context_default_params()
+            per_seq = -(-(context + steps + 8) // 256) * 256
+            cp.n_ctx, cp.n_seq_max, cp.kv_unified = per_seq * batch, batch, False
+            cp.n_batch = cp.n_ubatch = 512
+            cp.n_threads = cp.n_threads_batch = threads
+            cp.type_k = cp.type_v = types[kv_type]
+            cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            cp.no_perf = True
+            ctx = lib.llama_init_from_model(model.model, cp)
+            if not ctx:
+                raise ThriftyError(f"llama.cpp could not create a {batch} x {per_seq}-token context", "")
+            buf = lib.llama_batch_init(512, 0, 1)
+            try:
+                rows.append(_decode_rows(model, ctx, buf, prompt[:context], batch, steps, kv_type))
+            finally:
+                lib.llama_batch_free(buf)
+                lib.llama_free(ctx)
+        return rows
+    finally:
+        model.close()
+
+
+def _decode_rows(model: LlamaCppModel, ctx, buf, prompt: list[int], batch: int, steps: int, kv_type: str) -> dict:
+    lib = model.lib
+    start = time.monotonic()
+    for lo in range(0, len(prompt), 512):                       # prefill sequence 0
+        chunk = prompt[lo:lo + 512]
+        for i, tok in enumerate(chunk):
+            _put(buf, i, tok, lo + i, 0, lo + i == len(prompt) - 1)
+        buf.n_tokens = len(chunk)
+        if lib.llama_decode(ctx, buf) != 0:
+            raise ThriftyError("llama_decode failed in the prefill", "")
+    prefill_s = time.monotonic() - start
+    mem = lib.llama_get_memory(ctx)
+    for s in range(1, batch):
+        lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
+    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(model.n_vocab,))
+    tokens = [int(logits.argmax())] * batch
+    times = []
+    for step in range(steps + 2):                               # two warm-up steps (the stream copies run first)
+        for s in range(batch):
+            _put(buf, s, tokens[s], len(prompt) + step, s, True)
+        buf.n_tokens = batch
+        t0 = time.perf_counter()
+        if lib.llama_decode(ctx, buf) != 0:
+            raise ThriftyError("llama_decode failed in a decode step", "")
+        tokens = [int(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, s), shape=(model.n_vocab,)).argmax())
+                  for s in range(batch)]
+        times.append(time.perf_counter() - t0)
+    timed = sum(times[2:])
+    return {"engine": f"llama.cpp {kv_type}", "kv_type": kv_type, "context": len(prompt), "batch": batch,
+            "steps": steps, "decode_tok_s": batch * steps / timed, "ms_per_step": 1000 * timed / steps,
+            "prefill_s": prefill_s, "llama_cpp_python": model.version}

@@ -21,11 +21,15 @@ from thrifty.quantizers import data
 from thrifty.quantizers.prefill import prefill_meta
 
 @torch.inference_mode()
-def sequence_logprobs(model, config, ids: list[int]) -> torch.Tensor:
-    """log-softmax [len - 1, vocab] (float32) of the predictions for tokens 1..len-1."""
+def sequence_logprobs(model, config, ids: list[int], kv_dtype: torch.dtype | None = None,
+                      k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """log-softmax [len - 1, vocab] (float32) of the predictions for tokens 1..len-1. `kv_dtype`: the KV cache's
+    storage (default: the model's dtype; int8 / fp8 with `k_transform`, as the engine does), read by every
+    attention."""
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    with set_forward_context(prefill_meta(config, [len(ids)], dtype, device)):
+    meta = prefill_meta(config, [len(ids)], kv_dtype or dtype, device, k_transform=k_transform)
+    with set_forward_context(meta):
         hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
     return torch.log_softmax(model.compute_logits(hidden[:-1]).float(), dim=-1)
 
@@ -46,8 +50,13 @@ class EvalSet:
 
 
 def score(loaded, evalset: EvalSet, keep_as_reference: bool = False, progress: bool = True,
-          label: str = "") -> dict:
-    """ppl (all, code, prose), mean KL vs the reference held in `evalset` (None when there is none), bytes."""
+          label: str = "", kv_dtype: torch.dtype | None = None) -> dict:
+    """ppl (all, code, prose), mean KL vs the reference held in `evalset` (None when there is none), bytes.
+    `kv_dtype`: the KV cache's storage dtype (default: the model's)."""
+    from thrifty.engine import kv_calibration
+    from thrifty.ops.kv_quant import is_quantized
+
+    k_transform = kv_calibration.calibrate(loaded) if kv_dtype is not None and is_quantized(kv_dtype) else None
     nll = {d: 0.0 for d in evalset.windows}
     count = {d: 0 for d in evalset.windows}
     kl_sum, kl_n = 0.0, 0
@@ -56,7 +65,7 @@ def score(loaded, evalset: EvalSet, keep_as_reference: bool = False, progress: b
     with tqdm(total=total, desc=f"eval {label}".strip(), unit="window", disable=not progress, leave=False) as bar:
         for domain, windows in evalset.windows.items():
             for i, ids in enumerate(windows):
-                lp = sequence_logprobs(loaded.model, loaded.config, ids)
+                lp = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform)
                 target = torch.tensor(ids[1:], device=lp.device)
                 nll[domain] -= float(lp.gather(1, target[:, None]).sum())
                 count[domain] += len(ids) - 1

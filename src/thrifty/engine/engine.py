@@ -8,10 +8,9 @@ from typing import Callable
 
 import torch
 
-from thrifty.engine import determinism
+from thrifty.engine import determinism, kv_calibration, kv_groups
 from thrifty.engine.block_manager import PrefixCacheStats
-from thrifty.engine import kv_groups
-from thrifty.engine.kv_cache import KVCacheSpec
+from thrifty.engine.kv_cache import KVCacheSpec, check_kv_cache_dtype, kv_cache_dtype
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
 from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
@@ -22,6 +21,7 @@ from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
 from thrifty.models.weight_spec import parse_weights
+from thrifty.ops.kv_quant import is_quantized as quantized
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,7 +30,8 @@ class EngineConfig:
     device: str | None = None               # auto (None): CUDA when present, else cpu
     kv_cache_memory: float = 1.0            # GiB for the KV cache
     num_kv_blocks: int | None = None        # exact block count, overrides kv_cache_memory (tests, benchmarks)
-    kv_cache_dtype: str = "auto"            # auto = the model's dtype
+    kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32, int8, fp8_e4m3,
+                                            # fp8_e5m2 (int8 / fp8: a bfloat16 scale per token and KV head)
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
@@ -47,6 +48,7 @@ class EngineConfig:
                                             # they keep every block, the unbounded reference; engine/kv_groups.py)
 
     def __post_init__(self) -> None:
+        check_kv_cache_dtype(self.kv_cache_dtype)
         object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -113,13 +115,14 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.config, self.loaded = config, loaded
         self.tokenizer = loaded.tokenizer
-        kv_dtype = loaded.dtype if config.kv_cache_dtype == "auto" else _kv_dtype(config.kv_cache_dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
         groups = kv_groups.kv_groups(loaded.config, config.free_window_blocks)
         specs = kv_groups.group_specs(loaded.config, groups, config.kv_cache_memory, config.block_size, kv_dtype,
                                       config.num_kv_blocks, config.max_num_seqs, config.max_num_batched_tokens)
         spec = specs[0]
+        k_transform = kv_calibration.calibrate(loaded) if quantized(kv_dtype) else None
         self.kv_cache, self.block_manager = kv_groups.build(loaded.config, groups, specs,
-                                                            config.enable_prefix_caching, loaded.device)
+                                                            config.enable_prefix_caching, loaded.device, k_transform)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         if config.deterministic:
@@ -379,14 +382,6 @@ def _draft_proposer(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheS
     draft_kv = KVCacheSpec.from_budget(draft.config, spec.draft_kv_cache_memory or 0.0, kv_spec.block_size,
                                        kv_spec.dtype, num_blocks)
     return DraftModelProposer(draft, draft_kv, loaded.config.vocab_size, sampler, config.enable_prefix_caching)
-
-
-def _kv_dtype(name: str) -> torch.dtype:
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    if name not in dtypes:
-        raise InvalidRequestError(f"unknown kv_cache_dtype '{name}'", f"use auto or one of {', '.join(dtypes)}",
-                                  param="kv_cache_dtype")
-    return dtypes[name]
 
 
 def _prompt_and_decode_rows(batch: list[StepInput]) -> tuple[int, int]:

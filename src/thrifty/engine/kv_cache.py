@@ -2,7 +2,8 @@
 or by whole blocks.
 
 Sized from a memory budget. The storage dtype is a property of the cache, not of the model: reads come
-back in the compute dtype, so quantized KV formats slot in here without touching attention or models.
+back in the compute dtype. int8 / fp8 storage (ops/kv_quant.py) adds a bfloat16 scale per token and KV head,
+allocated beside the blocks and counted in every byte figure here.
 """
 from __future__ import annotations
 
@@ -12,9 +13,25 @@ import torch
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.config import ModelConfig
+from thrifty.ops import kv_quant
 from thrifty.ops.kv_cache import LayerKVCache
 
 GIB = 1024 ** 3
+# kv_cache_dtype names (EngineConfig, YAML, CLI) -> storage dtype; "auto" is the model's dtype
+KV_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "int8": torch.int8,
+                   "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    if name != "auto" and name not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(f"unknown kv_cache_dtype {name!r}",
+                                  f"use auto or one of {', '.join(KV_CACHE_DTYPES)}", param="kv_cache_dtype")
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype a kv_cache_dtype name stands for."""
+    check_kv_cache_dtype(name)
+    return model_dtype if name == "auto" else KV_CACHE_DTYPES[name]
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,20 +64,37 @@ class KVCacheSpec:
 
 
 def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """Bytes of K and V for one block across all layers, their scales included."""
+    row = head_dim * torch.empty((), dtype=dtype).element_size() + kv_quant.scale_bytes(dtype)
+    return 2 * num_layers * block_size * num_kv_heads * row
 
 
 class PagedKVCache:
     """All layers' KV storage, allocated once."""
 
-    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu") -> None:
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu",
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """k_transform: (shift, divisor), each [num_layers, num_kv_heads, head_dim], of an int8 / fp8 cache's K
+        (engine/kv_calibration.py); ignored by float caches."""
         self.spec = spec
         shape = (spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
         self._k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self._v = torch.zeros(shape, dtype=spec.dtype, device=device)
-        self.layers = [LayerKVCache(self._k[i], self._v[i]) for i in range(spec.num_layers)]
+        self._scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        if kv_quant.is_quantized(spec.dtype):
+            self._scales = tuple(torch.ones(shape[:-1], dtype=kv_quant.SCALE_DTYPE, device=device) for _ in "kv")
+        shift = divisor = None
+        if self._scales is not None and k_transform is not None:
+            shift, divisor = (t.to(device=device, dtype=torch.float32) for t in k_transform)
+        self.layers = [LayerKVCache(self._k[i], self._v[i], *self._layer_scales(i),
+                                    *((shift[i].contiguous(), divisor[i].contiguous()) if shift is not None
+                                      else (None, None)))
+                       for i in range(spec.num_layers)]
+
+    def _layer_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self._scales is None else (self._scales[0][layer], self._scales[1][layer])
 
     @property
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        scales = sum(s.nbytes for s in self._scales) if self._scales is not None else 0
+        return self._k.nbytes + self._v.nbytes + scales

@@ -79,9 +79,12 @@ def group_specs(config: ModelConfig, groups: list[KVGroup], memory_gib: float, b
 class GroupedKVCache:
     """The KV tensors of every group; `layers[i]` is model layer i's storage (in its group's pool)."""
 
-    def __init__(self, groups: list[KVGroup], specs: list[KVCacheSpec], device: torch.device | str = "cpu") -> None:
+    def __init__(self, groups: list[KVGroup], specs: list[KVCacheSpec], device: torch.device | str = "cpu",
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.groups, self.specs = groups, specs
-        self.caches = [PagedKVCache(spec, device) for spec in specs]
+        self.caches = [PagedKVCache(spec, device, None if k_transform is None
+                                    else tuple(t[list(group.layers)] for t in k_transform))
+                       for group, spec in zip(groups, specs)]
         num_layers = sum(len(g.layers) for g in groups)
         self.layers: list[LayerKVCache] = [None] * num_layers  # type: ignore[list-item]
         self.layer_group = [0] * num_layers
@@ -192,14 +195,17 @@ class GroupedBlockManager:
 
 
 def build(config: ModelConfig, groups: list[KVGroup], specs: list[KVCacheSpec], enable_prefix_caching: bool,
-          device: torch.device | str) -> tuple[PagedKVCache | GroupedKVCache, BlockManager | GroupedBlockManager]:
-    """The KV tensors and their books: the plain pair for one whole-context group, grouped ones otherwise."""
+          device: torch.device | str, k_transform: tuple[torch.Tensor, torch.Tensor] | None = None
+          ) -> tuple[PagedKVCache | GroupedKVCache, BlockManager | GroupedBlockManager]:
+    """The KV tensors and their books: the plain pair for one whole-context group, grouped ones otherwise.
+    `k_transform`: an int8 / fp8 cache's K shift and divisor for every model layer (engine/kv_calibration.py)."""
     if len(groups) == 1 and groups[0].window is None:
         spec = specs[0]
-        return PagedKVCache(spec, device), BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching)
+        return (PagedKVCache(spec, device, k_transform),
+                BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching))
     managers = [BlockManager(s.num_blocks - (1 if g.window is not None else 0), s.block_size, enable_prefix_caching,
                              g.window) for g, s in zip(groups, specs)]
-    return GroupedKVCache(groups, specs, device), GroupedBlockManager(managers)
+    return GroupedKVCache(groups, specs, device, k_transform), GroupedBlockManager(managers)
 
 
 def held_kv_bytes(block_manager: BlockManager | GroupedBlockManager, kv_cache: PagedKVCache | GroupedKVCache) -> int:

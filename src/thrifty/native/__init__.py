@@ -7,7 +7,8 @@ microseconds each (norms, rotary, attention over the paged cache, activations). 
 - `qgemv`: x W^T for up to ~32 rows with 4- or 8-bit group-quantized weights. The activations are quantized
   to int8 per 32 values (as llama.cpp does), so it serves bf16 compute; float32 compute keeps exact kernels.
 - `rms_norm`, `rope_`, `act_mul`: one call each for what takes 4-10 torch ops.
-- `decode_attention`, `kv_write_`: paged attention for one-token queries straight from the KV blocks.
+- `decode_attention`, `kv_write_`: paged attention for one-token queries straight from the KV blocks, float or
+  int8 / fp8 with per-row scales (ops/kv_quant.py), dequantized in registers.
 The torch code each one replaces stays beside its call site as the reference and the fallback.
 
 They are compiled on first use with torch's C++ extension tooling (g++ and ninja, ~30 s) into
@@ -94,11 +95,17 @@ def available() -> bool:
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_KV_DTYPES = (*_DTYPES, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def runs(t: torch.Tensor) -> bool:
     """True when the fused ops take this tensor: a float32 or bf16 CPU tensor, the kernels built."""
     return t.dtype in _DTYPES and t.is_cpu and _load() is None
+
+
+def runs_kv(cache: torch.Tensor) -> bool:
+    """True when decode_attention and kv_write_ take this KV cache tensor (float, or int8 / fp8 with scales)."""
+    return cache.dtype in _KV_DTYPES and cache.is_cpu and _load() is None
 
 
 # ---- few-token matmul ------------------------------------------------------------------------------------
@@ -150,11 +157,18 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
 
 # ---- paged attention (reference: thrifty.ops.attention) ------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int | None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     k_channel: torch.Tensor | None = None) -> torch.Tensor:
+    """k_scale / v_scale: the bfloat16 per-row scales of an int8 / fp8 cache (None for a float cache);
+    k_channel: K's float32 per-channel divisor [Hkv, D] (ops/kv_quant.py), or None."""
     return torch.ops.thrifty.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
-                                              window or 0)
+                                              window or 0, k_scale, v_scale, k_channel)
 
 
 def kv_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor) -> None:
-    torch.ops.thrifty.kv_write_(k_cache, v_cache, k, v, slots)
+              slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+              k_channel: torch.Tensor | None = None, k_shift: torch.Tensor | None = None) -> None:
+    """Writes k, v [T, Hkv, D] at slots; into an int8 / fp8 cache quantized per row (K as (k - k_shift) /
+    k_channel), scales into k/v_scale."""
+    torch.ops.thrifty.kv_write_(k_cache, v_cache, k, v, slots, k_scale, v_scale, k_channel, k_shift)

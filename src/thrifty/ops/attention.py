@@ -7,6 +7,10 @@ where bf16 math is emulated, see thrifty.ops.precision); each prefill chunk runs
 plus itself, except a short chunk after a cached prefix (the rest of a long prompt prefilled a little at a
 time beside decodes, or speculative tokens to verify): its queries are decodes of growing context lengths over
 one block table, which the native kernel reads in place, where SDPA would gather the whole context first.
+
+With an int8 / fp8 KV cache every read is of the quantized KV, a prompt's first chunk included (it reads its
+own K/V back from the cache, not the exact values it wrote): a token's attention then sees the same K/V
+whether it ran in a prefill, a later chunk, a decode or after a prefix-cache hit.
 """
 from __future__ import annotations
 
@@ -40,10 +44,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         if meta.rows_as_decodes or _as_decodes(qs, cache, span):
             out[span.start:span.end] = _chunk_as_decodes(qs, cache, span, scale, window)
             continue
-        if span.slots is None:
-            ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
-        else:
+        if span.slots is not None:
             ks, vs = cache.read(span.slots, q.dtype)
+        elif cache.quantized:
+            ks, vs = cache.read(meta.slot_mapping[span.start:span.end], q.dtype)
+        else:
+            ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
         out[span.start:span.end] = _prefill(qs, ks, vs, meta.prefill_mask(i, window), scale)
     return out
 
@@ -52,7 +58,7 @@ CHUNK_AS_DECODES = 32   # chunks up to this many tokens after a cached prefix ru
 
 
 def _as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan) -> bool:
-    return (span.blocks is not None and q.shape[0] <= CHUNK_AS_DECODES and native.runs(q) and native.runs(cache.k)
+    return (span.blocks is not None and q.shape[0] <= CHUNK_AS_DECODES and native.runs(q) and cache.native_reads()
             and q.shape[-1] % 8 == 0)
 
 
@@ -62,15 +68,17 @@ def _chunk_as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan, s
     n = q.shape[0]
     lens = torch.arange(span.context_len - n + 1, span.context_len + 1, dtype=torch.long, device=q.device)
     tables = span.blocks[None].expand(n, -1).contiguous()
-    return native.decode_attention(q, cache.k, cache.v, tables, lens, scale, window)
+    return native.decode_attention(q, cache.k, cache.v, tables, lens, scale, window, cache.k_scale, cache.v_scale,
+                                   cache.k_channel)
 
 
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
             window: int | None) -> torch.Tensor:
     b, h, d = q.shape
-    if native.runs(q) and native.runs(cache.k) and d % 8 == 0:    # one fused kernel over the blocks
+    if native.runs(q) and cache.native_reads() and d % 8 == 0:    # one fused kernel over the blocks
         return native.decode_attention(q, cache.k, cache.v, meta.decode_blocks, meta.decode_context_lens, scale,
-                                       window)
+                                       window, cache.k_scale, cache.v_scale,
+                                   cache.k_channel)
     dt = matmul_dtype(q.dtype, q.device, b * h)                     # float32 where bf16 math is emulated
     keys, values = cache.read_blocks(meta.decode_blocks, dt)       # [Hkv, B, L, D], L = whole blocks
     hkv = keys.shape[0]

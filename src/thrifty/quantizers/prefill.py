@@ -11,12 +11,14 @@ BLOCK = 16
 
 
 def prefill_meta(config, lengths: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
-                 shared_layers: bool = False) -> AttentionMetadata:
-    """Metadata (and a fresh KV cache) for whole sequences run as one prefill each."""
+                 shared_layers: bool = False,
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionMetadata:
+    """Metadata (and a fresh KV cache) for whole sequences run as one prefill each. `dtype`: the KV cache's
+    storage; `k_transform`: an int8 / fp8 cache's K shift and divisor (engine/kv_calibration.py)."""
     blocks = [-(-n // BLOCK) for n in lengths]
     layers = 1 if shared_layers else config.num_layers
     spec = KVCacheSpec(layers, config.num_kv_heads, config.head_dim, BLOCK, sum(blocks), dtype)
-    cache = PagedKVCache(spec, device)
+    cache = PagedKVCache(spec, device, k_transform)
     caches = cache.layers * config.num_layers if shared_layers else cache.layers
     tables, start = [], 0
     for b in blocks:

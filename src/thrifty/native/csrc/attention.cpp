@@ -1,18 +1,27 @@
-// Paged attention for decode steps, and the KV-cache write, on the CPU. Reference: engine/attention.py.
+// Paged attention for decode steps, and the KV-cache write, on the CPU. Reference: ops/attention.py.
 //
 //   decode_attention(q [B, H, D], k_cache, v_cache [Hkv, blocks, block_size, D], block_tables [B, nb],
-//                    context_lens [B], scale, window) -> [B, H, D]
-//   kv_write_(k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D], slots [T])
+//                    context_lens [B], scale, window, k_scale?, v_scale? [Hkv, blocks, block_size] bf16,
+//                    k_channel? [Hkv, D] float32) -> [B, H, D]
+//   kv_write_(k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D], slots [T], k_scale?, v_scale?, k_channel?,
+//             k_shift?)   K stored as (k - k_shift) / k_channel (ops/kv_quant.py)
 //
 // One task per (sequence, KV head): its G = H / Hkv query heads read each cached K and V row once, straight
 // from the blocks (no gather copy, no padding to the longest context). Scores, softmax and the weighted sum
-// of V run in float32; K / V are float32 or bfloat16.
+// of V run in float32; K / V are float32 or bfloat16, or int8 / fp8 codes with a bfloat16 scale per row
+// (ops/kv_quant.py): a row's codes widen to float32 in registers and its scale multiplies the row's score (K)
+// or its probability (V), so a quantized context is never dequantized into memory.
 #include "vec.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace thrifty {
@@ -21,26 +30,68 @@ namespace {
 constexpr int kMaxGroup = 16;   // query heads per KV head
 constexpr int kMaxDim = 256;    // head dim
 
+// 8 codes of a quantized row as float32, before the row's scale (times code_factor<T>(): see e4m3).
+inline __m256 load_code8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m128i load_bytes8(const void* p) {
+  return _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256 load_code8(const at::Float8_e5m2* p) {  // e5m2 is the top byte of a float16
+  return _mm256_cvtph_ps(_mm_slli_epi16(load_bytes8(p), 8));
+}
+
+// e4m3 (bias 7) placed in a float16's exponent and mantissa (bias 15) reads as value / 2^8, subnormals
+// included (F16C converts those exactly); code_factor puts the 2^8 back through the row's scale.
+inline __m256 load_code8(const at::Float8_e4m3fn* p) {
+  const __m128i b = load_bytes8(p);
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+  const __m128i rest = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+  return _mm256_cvtph_ps(_mm_or_si128(sign, rest));
+}
+
+template <typename T> constexpr float code_factor() { return 1.0f; }
+template <> constexpr float code_factor<at::Float8_e4m3fn>() { return 256.0f; }
+
+inline __m256 load_row8(const float* p) { return load8(p); }
+inline __m256 load_row8(const at::BFloat16* p) { return load8(p); }
+template <typename T> inline __m256 load_row8(const T* p) { return load_code8(p); }
+
+// A row's scale: 1 for float caches (no scales), else its bfloat16 scale times the code factor.
+template <typename KV>
+inline float row_scale(const at::BFloat16* scales, int64_t slot) {
+  return scales == nullptr ? 1.0f : to_float(scales[slot]) * code_factor<KV>();
+}
+
 template <typename Q, typename KV>
-void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const int64_t* table, int64_t bs,
-              int64_t start, int64_t ctx, float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores) {
+void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::BFloat16* ks,
+              const at::BFloat16* vs, const float* kch, const int64_t* table, int64_t bs, int64_t start, int64_t ctx,
+              float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores) {
   alignas(32) float qf[kMaxGroup][kMaxDim];
   for (int64_t h = 0; h < g; ++h)
-    for (int64_t j = 0; j < d; j += 8) store8(qf[h] + j, _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale)));
+    for (int64_t j = 0; j < d; j += 8) {
+      __m256 x = _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale));
+      if (kch != nullptr) x = _mm256_mul_ps(x, _mm256_loadu_ps(kch + j));   // q . k = (q * c) . (k / c)
+      store8(qf[h] + j, x);
+    }
   const int64_t n = ctx - start;
   scores.resize(static_cast<size_t>(g * n));
   float* sc = scores.data();
   // 1. scores[h][i] = q_h . k_i
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = start + i;
-    const KV* k = kc + (table[pos / bs] * bs + pos % bs) * d;
+    const int64_t slot = table[pos / bs] * bs + pos % bs;
+    const KV* k = kc + slot * d;
     __m256 acc[kMaxGroup];
     for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_setzero_ps();
     for (int64_t j = 0; j < d; j += 8) {
-      const __m256 kv = load8(k + j);
+      const __m256 kv = load_row8(k + j);
       for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_fmadd_ps(_mm256_load_ps(qf[h] + j), kv, acc[h]);
     }
-    for (int64_t h = 0; h < g; ++h) sc[h * n + i] = hsum(acc[h]);
+    const float kscale = row_scale<KV>(ks, slot);
+    for (int64_t h = 0; h < g; ++h) sc[h * n + i] = hsum(acc[h]) * kscale;
   }
   // 2. softmax per head
   for (int64_t h = 0; h < g; ++h) {
@@ -73,20 +124,68 @@ void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, cons
     for (int64_t j = 0; j < d; j += 8) _mm256_store_ps(of[h] + j, _mm256_setzero_ps());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = start + i;
-    const KV* v = vc + (table[pos / bs] * bs + pos % bs) * d;
+    const int64_t slot = table[pos / bs] * bs + pos % bs;
+    const KV* v = vc + slot * d;
+    const float vscale = row_scale<KV>(vs, slot);
     for (int64_t j = 0; j < d; j += 8) {
-      const __m256 vv = load8(v + j);
+      const __m256 vv = load_row8(v + j);
       for (int64_t h = 0; h < g; ++h)
-        _mm256_store_ps(of[h] + j, _mm256_fmadd_ps(_mm256_set1_ps(sc[h * n + i]), vv, _mm256_load_ps(of[h] + j)));
+        _mm256_store_ps(of[h] + j,
+                        _mm256_fmadd_ps(_mm256_set1_ps(sc[h * n + i] * vscale), vv, _mm256_load_ps(of[h] + j)));
     }
   }
   for (int64_t h = 0; h < g; ++h)
     for (int64_t j = 0; j < d; j += 8) store8(out + h * out_head_stride + j, _mm256_load_ps(of[h] + j));
 }
 
+// AT_DISPATCH over the KV cache's storage types: THRIFTY_DISPATCH's two float types plus the quantized codes.
+#define THRIFTY_KV_DISPATCH(TYPE, NAME, ...)                                          \
+  [&] {                                                                               \
+    switch (TYPE) {                                                                   \
+      case at::kChar: {                                                               \
+        using scalar_t = int8_t;                                                      \
+        return __VA_ARGS__();                                                         \
+      }                                                                               \
+      case at::kFloat8_e4m3fn: {                                                      \
+        using scalar_t = at::Float8_e4m3fn;                                           \
+        return __VA_ARGS__();                                                         \
+      }                                                                               \
+      case at::kFloat8_e5m2: {                                                        \
+        using scalar_t = at::Float8_e5m2;                                             \
+        return __VA_ARGS__();                                                         \
+      }                                                                               \
+      default:                                                                        \
+        return THRIFTY_DISPATCH(TYPE, NAME, __VA_ARGS__);                             \
+    }                                                                                 \
+  }()
+
+bool is_quantized(at::ScalarType t) {
+  return t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
+
+// The scales of a quantized cache ([Hkv, blocks, block_size] bfloat16), or nullptr for a float cache.
+at::BFloat16* scales_of(const at::Tensor& cache, const std::optional<at::Tensor>& scales, const char* what) {
+  if (!is_quantized(cache.scalar_type())) return nullptr;
+  TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kBFloat16 && scales->is_contiguous() &&
+                  scales->dim() == 3 && scales->size(0) == cache.size(0) && scales->size(1) == cache.size(1) &&
+                  scales->size(2) == cache.size(2),
+              what, ": an int8 / fp8 cache needs bfloat16 scales [Hkv, blocks, block_size]");
+  return scales->data_ptr<at::BFloat16>();
+}
+
+// K's per-channel divisor ([Hkv, D] float32) of a quantized cache, or nullptr.
+const float* channel_of(const at::Tensor& cache, const std::optional<at::Tensor>& channel, const char* what) {
+  if (!channel.has_value() || !is_quantized(cache.scalar_type())) return nullptr;
+  TORCH_CHECK(channel->scalar_type() == at::kFloat && channel->is_contiguous() && channel->dim() == 2 &&
+                  channel->size(0) == cache.size(0) && channel->size(1) == cache.size(3),
+              what, ": k_channel / k_shift must be float32 [Hkv, D]");
+  return channel->data_ptr<float>();
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                            int64_t window) {
+                            int64_t window, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "thrifty decode_attention: q must be contiguous [B, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
@@ -99,6 +198,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                   block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong &&
                   context_lens.numel() == b && context_lens.is_contiguous(),
               "thrifty decode_attention: int64 block_tables [B, nb] and context_lens [B]");
+  const at::BFloat16* ks = scales_of(k_cache, k_scale, "thrifty decode_attention");
+  const at::BFloat16* vs = scales_of(v_cache, v_scale, "thrifty decode_attention");
+  const float* kch = channel_of(k_cache, k_channel, "thrifty decode_attention");
   const int64_t nb = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -111,7 +213,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t g = h / hkv;
   THRIFTY_DISPATCH(q.scalar_type(), "decode_attention_q", [&] {
     using Q = scalar_t;
-    THRIFTY_DISPATCH(k_cache.scalar_type(), "decode_attention_kv", [&] {
+    THRIFTY_KV_DISPATCH(k_cache.scalar_type(), "decode_attention_kv", [&] {
       using KV = scalar_t;
       const KV* kc = k_cache.data_ptr<KV>();
       const KV* vc = v_cache.data_ptr<KV>();
@@ -122,9 +224,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         for (int64_t task = lo; task < hi; ++task) {
           const int64_t s = task / hkv, kh = task % hkv, ctx = lens[s];
           const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-          const int64_t head_off = kh * nblocks * bs * d;
-          one_head<Q, KV>(qp + (s * h + kh * g) * d, g, d, kc + head_off, vc + head_off, tables + s * nb, bs, start,
-                          ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d, scores);
+          const int64_t head_rows = kh * nblocks * bs;
+          one_head<Q, KV>(qp + (s * h + kh * g) * d, g, d, kc + head_rows * d, vc + head_rows * d,
+                          ks ? ks + head_rows : nullptr, vs ? vs + head_rows : nullptr, kch ? kch + kh * d : nullptr,
+                          tables + s * nb, bs, start, ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d,
+                          scores);
         }
       });
     });
@@ -132,32 +236,91 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// One row quantized as ops/kv_quant.py quantize() does it: s = max(absmax / qmax, 2^-100) rounded up to
+// bfloat16, codes round(x / s) (int8, nearest even) or x / s cast to fp8 (c10's round-to-nearest-even),
+// clamped to +-qmax.
+template <typename C>
+void quantize_row(const float* x, int64_t d, C* codes, at::BFloat16* scale) {
+  constexpr float qmax = std::is_same_v<C, int8_t> ? 127.0f
+                         : std::is_same_v<C, at::Float8_e4m3fn> ? 448.0f : 57344.0f;
+  float amax = 0.0f;
+  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
+  uint32_t bits;
+  const float raw = std::max(amax / qmax, 7.888609052210118e-31f);   // 2^-100
+  std::memcpy(&bits, &raw, 4);
+  bits = (bits + 0xFFFFu) & ~0xFFFFu;
+  scale->x = static_cast<uint16_t>(bits >> 16);
+  float s;
+  std::memcpy(&s, &bits, 4);
+  for (int64_t j = 0; j < d; ++j) {
+    const float y = std::clamp(x[j] / s, -qmax, qmax);
+    if constexpr (std::is_same_v<C, int8_t>)
+      codes[j] = static_cast<int8_t>(std::nearbyint(y));
+    else
+      codes[j] = C(y);
+  }
+}
+
+// One [D] row into the cache: copied (float / bf16 caches) or quantized with its scale (int8 / fp8).
+template <typename S>
+inline void write_row(const S* from, int64_t d, float* to, at::BFloat16*, const float*, const float*) {
+  for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
+}
+
+template <typename S>
+inline void write_row(const S* from, int64_t d, at::BFloat16* to, at::BFloat16*, const float*, const float*) {
+  for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(from + j));
+}
+
+template <typename S, typename C>
+inline void write_row(const S* from, int64_t d, C* to, at::BFloat16* scale, const float* channel,
+                      const float* shift) {
+  alignas(32) float row[kMaxDim];
+  for (int64_t j = 0; j < d; j += 8) store8(row + j, load8(from + j));
+  if (shift != nullptr)
+    for (int64_t j = 0; j < d; ++j) row[j] -= shift[j];
+  if (channel != nullptr)
+    for (int64_t j = 0; j < d; ++j) row[j] /= channel[j];
+  quantize_row(row, d, to, scale);
+}
+
 void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& slots) {
+               const at::Tensor& slots, const std::optional<at::Tensor>& k_scale,
+               const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel,
+               const std::optional<at::Tensor>& k_shift) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes(), "thrifty kv_write_: caches must be contiguous and alike");
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "thrifty kv_write_: caches must be contiguous and alike");
   const int64_t hkv = k_cache.size(0), nslots = k_cache.size(1) * k_cache.size(2), d = k_cache.size(3);
-  TORCH_CHECK(d % 8 == 0 && k.dim() == 3 && k.size(1) == hkv && k.size(2) == d && k.stride(2) == 1 && v.sizes() == k.sizes() &&
-                  v.stride(2) == 1 && k.scalar_type() == v.scalar_type(),
+  TORCH_CHECK(d % 8 == 0 && d <= kMaxDim && k.dim() == 3 && k.size(1) == hkv && k.size(2) == d && k.stride(2) == 1 &&
+                  v.sizes() == k.sizes() && v.stride(2) == 1 && k.scalar_type() == v.scalar_type(),
               "thrifty kv_write_: k, v must be [T, Hkv, D] with contiguous rows");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0) && slots.is_contiguous(),
               "thrifty kv_write_: int64 slots [T]");
+  at::BFloat16* scales[2] = {scales_of(k_cache, k_scale, "thrifty kv_write_"),
+                             scales_of(v_cache, v_scale, "thrifty kv_write_")};
+  const float* channels[2] = {channel_of(k_cache, k_channel, "thrifty kv_write_"), nullptr};
+  const float* shifts[2] = {channel_of(k_cache, k_shift, "thrifty kv_write_"), nullptr};
   const int64_t t = k.size(0);
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i)
     TORCH_CHECK(sl[i] >= 0 && sl[i] < nslots, "thrifty kv_write_: slot out of range");
   THRIFTY_DISPATCH(k.scalar_type(), "kv_write_src", [&] {
     using S = scalar_t;
-    THRIFTY_DISPATCH(k_cache.scalar_type(), "kv_write_dst", [&] {
+    THRIFTY_KV_DISPATCH(k_cache.scalar_type(), "kv_write_dst", [&] {
       using C = scalar_t;
-      for (const auto& [src, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
-        const S* sp = src->data_ptr<S>();
-        C* cp = dst->data_ptr<C>();
+      const at::Tensor* srcs[2] = {&k, &v};
+      at::Tensor* dsts[2] = {&k_cache, &v_cache};
+      for (int which = 0; which < 2; ++which) {
+        const S* sp = srcs[which]->data_ptr<S>();
+        C* cp = dsts[which]->data_ptr<C>();
         for (int64_t i = 0; i < t; ++i)
           for (int64_t hh = 0; hh < hkv; ++hh) {
-            const S* row = sp + i * src->stride(0) + hh * src->stride(1);
-            C* to = cp + (hh * nslots + sl[i]) * d;
-            for (int64_t j = 0; j < d; j += 8) store8(to + j, load8(row + j));
+            const S* from = sp + i * srcs[which]->stride(0) + hh * srcs[which]->stride(1);
+            at::BFloat16* scale = scales[which] ? scales[which] + hh * nslots + sl[i] : nullptr;
+            const float* channel = channels[which] ? channels[which] + hh * d : nullptr;
+            const float* shift = shifts[which] ? shifts[which] + hh * d : nullptr;
+            write_row(from, d, cp + (hh * nslots + sl[i]) * d, scale, channel, shift);
           }
       }
     });
@@ -169,8 +332,9 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-          "float scale, int window) -> Tensor");
-  lib.def("kv_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+          "float scale, int window, Tensor? k_scale=None, Tensor? v_scale=None, Tensor? k_channel=None) -> Tensor");
+  lib.def("kv_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots, "
+          "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, Tensor? k_channel=None, Tensor? k_shift=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thrifty, CPU, lib) {
