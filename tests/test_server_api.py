@@ -19,6 +19,7 @@ from thrifty.engine.sampling import SamplingParams
 from thrifty.llm import LLM
 from thrifty.server.app import create_app
 from thrifty.server.background import ServerThread
+from serving import engine_server, sdk_client
 
 MODEL = "tiny"
 ENGINE = dict(dtype="float32", num_kv_blocks=512, block_size=16)
@@ -27,15 +28,13 @@ ENGINE = dict(dtype="float32", num_kv_blocks=512, block_size=16)
 @pytest.fixture(scope="module")
 def server(tiny_gguf):
     engine = LLMEngine.from_model(str(tiny_gguf), **ENGINE)
-    app = create_app(AsyncEngine(engine), MODEL, ServerSettings(max_output_tokens=400))
-    with ServerThread(app) as srv:
-        srv.engine = engine
+    with engine_server(engine, MODEL, ServerSettings(max_output_tokens=400)) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="module")

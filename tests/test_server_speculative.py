@@ -7,10 +7,8 @@ import openai
 import pytest
 
 from thrifty.config import ServerSettings
-from thrifty.engine.async_engine import AsyncEngine
 from thrifty.engine.engine import LLMEngine
-from thrifty.server.app import create_app
-from thrifty.server.background import ServerThread
+from serving import engine_server, sdk_client
 
 MODEL = "tiny"
 # the draft is the target itself: every draft is kept, so each request's counts are non-zero
@@ -21,15 +19,13 @@ SPEC = dict(dtype="float32", num_kv_blocks=256, block_size=16)
 def server(tiny_gguf):
     engine = LLMEngine.from_model(str(tiny_gguf), **SPEC, speculative={
         "method": "draft", "draft_model": str(tiny_gguf), "num_tokens": 3})
-    app = create_app(AsyncEngine(engine), MODEL, ServerSettings(max_output_tokens=400))
-    with ServerThread(app) as srv:
-        srv.engine = engine
+    with engine_server(engine, MODEL, ServerSettings(max_output_tokens=400)) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(server)
 
 
 ASK = dict(model=MODEL, messages=[{"role": "user", "content": "the the the cat sat on the mat"}], max_tokens=24,

@@ -54,20 +54,20 @@ class LayerKVCache:
                 continue
             codes, scale = kv_quant.quantize(rows, store.dtype, channel, shift)
             _raw(store).index_copy_(1, slots, _raw(codes))
-            scales.view(scales.shape[0], -1).index_copy_(1, slots, scale)
+            _by_slot(scales).index_copy_(1, slots, scale)
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at `slots` ([L]) as [Hkv, L, D], in the compute dtype."""
-        return (self._rows(self._k_slots, self.k_scale, slots, dtype, self._channel(self.k_channel, 1)),
-                self._rows(self._v_slots, self.v_scale, slots, dtype, None))
+        return (self._gather(self._k_slots, _by_slot(self.k_scale), slots, dtype, self._channel(self.k_channel, 1)),
+                self._gather(self._v_slots, _by_slot(self.v_scale), slots, dtype, None))
 
     def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole blocks: block_ids [B, nb] -> [Hkv, B, nb * block_size, D], in the compute dtype."""
         b, nb = block_ids.shape
         hkv, _, block_size, d = self.k.shape
         flat = block_ids.reshape(-1)
-        k = self._blocks(self.k, self.k_scale, flat, dtype, self._channel(self.k_channel, 2)).view(hkv, b, nb * block_size, d)
-        v = self._blocks(self.v, self.v_scale, flat, dtype, None).view(hkv, b, nb * block_size, d)
+        k = self._gather(self.k, self.k_scale, flat, dtype, self._channel(self.k_channel, 2)).view(hkv, b, nb * block_size, d)
+        v = self._gather(self.v, self.v_scale, flat, dtype, None).view(hkv, b, nb * block_size, d)
         return k, v
 
     @staticmethod
@@ -78,22 +78,20 @@ class LayerKVCache:
         return vector.view(vector.shape[0], *([1] * middle_dims), vector.shape[1])
 
     @staticmethod
-    def _rows(store: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype,
-              channel: torch.Tensor | None) -> torch.Tensor:
-        codes = _raw(store).index_select(1, slots).view(store.dtype)
-        if scales is None:
-            return codes.to(dtype)
-        return kv_quant.dequantize(codes, scales.view(scales.shape[0], -1).index_select(1, slots), dtype, channel)
-
-    @staticmethod
-    def _blocks(store: torch.Tensor, scales: torch.Tensor | None, block_ids: torch.Tensor, dtype: torch.dtype,
+    def _gather(store: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtype,
                 channel: torch.Tensor | None) -> torch.Tensor:
-        codes = _raw(store).index_select(1, block_ids).view(store.dtype)
+        """Entries `index` of dim 1 (slots or blocks, as `store` and `scales` are viewed), dequantized."""
+        codes = _raw(store).index_select(1, index).view(store.dtype)
         if scales is None:
             return codes.to(dtype)
-        return kv_quant.dequantize(codes, scales.index_select(1, block_ids), dtype, channel)
+        return kv_quant.dequantize(codes, scales.index_select(1, index), dtype, channel)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """fp8 tensors as their bytes: torch's CPU index_copy_ / index_select take no float8 dtypes."""
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def _by_slot(scales: torch.Tensor | None) -> torch.Tensor | None:
+    """Scales [Hkv, blocks, block_size] as [Hkv, slots]."""
+    return None if scales is None else scales.view(scales.shape[0], -1)
