@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 import threading
 import time
@@ -76,7 +77,7 @@ def _sandbox_processes() -> list[str]:
     return found
 
 
-@pytest.mark.skipif(not sandbox._can_unshare_net(), reason="this kernel allows no unprivileged PID namespace")
+@pytest.mark.skipif(not sandbox.can_confine(), reason="this kernel allows no unprivileged PID namespace")
 def test_sandbox_kills_everything_the_code_forks():
     """Children that leave the process group (setsid) and would outlive the run die with it; a (bounded) fork
     bomb is cut at the timeout."""
@@ -102,6 +103,43 @@ def test_sandbox_kills_everything_the_code_forks():
     while _sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sandbox_processes() == []
+
+
+@pytest.mark.skipif(not sandbox.can_confine(), reason="this kernel allows no unprivileged mount namespace")
+def test_sandbox_writes_only_its_own_bounded_directory(tmp_path):
+    """Writes outside the working directory fail (read-only mounts it cannot remount); inside, a tmpfs
+    bounds the total (a 16 MB cap per file alone would let many files fill the disk)."""
+    targets = [str(tmp_path / "escaped.txt"), "/tmp/thrifty-sandbox-escape.txt"]
+    code = textwrap.dedent(f"""\
+        import os, subprocess
+        with open("mine.txt", "w") as f:
+            f.write("ok")
+        print("own dir", open("mine.txt").read())
+        for target in {targets!r}:
+            try:
+                with open(target, "w") as f:
+                    f.write("escaped")
+                print("WROTE", target)
+            except OSError as e:
+                print("refused", os.strerror(e.errno))
+        print("remount", subprocess.run(["mount", "-o", "remount,rw", "/"], capture_output=True).returncode)
+        written = 0
+        try:
+            for i in range(8):
+                with open(f"fill{{i}}", "wb") as f:
+                    f.write(b"0" * (15 << 20))
+                written += 15
+        except OSError as e:
+            print("fill stopped", written, os.strerror(e.errno))
+        """)
+    r = run_python(code, timeout_s=20.0)
+    assert r.ok, r.output
+    assert "own dir ok" in r.output and "WROTE" not in r.output
+    assert r.output.count("refused Read-only file system") == len(targets)
+    assert "remount 0" not in r.output
+    stopped = re.search(r"fill stopped (\d+) No space left on device", r.output)
+    assert stopped and int(stopped.group(1)) < 120, r.output
+    assert not any(os.path.exists(t) for t in targets)
 
 
 def test_extract_code_prefers_python_fences():
