@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from thrifty.errors import ModelFileError
 from thrifty.models.config import ModelConfig
 from thrifty.models.layers import Linear, MergedLinear
 from thrifty.models.weight_names import fused_name
@@ -47,13 +48,20 @@ class CausalLM(nn.Module):
             if target not in params:
                 if "rotary_emb" in name:
                     continue
-                raise KeyError(f"unexpected weight {name}")
+                raise ModelFileError(f"the checkpoint has a weight this model does not: {name}",
+                                     "check that config.json describes these weights")
             if shard is None:
+                if params[target].shape != tensor.shape:
+                    raise ModelFileError(f"weight {name}: expected shape {tuple(params[target].shape)}, got "
+                                         f"{tuple(tensor.shape)}", "check that config.json describes these weights")
                 params[target].data.copy_(tensor)
                 filled.add(target)
             else:
                 module = self.get_submodule(target.rsplit(".", 1)[0])
-                module.load_shard(shard, target.rsplit(".", 1)[1], tensor)
+                try:
+                    module.load_shard(shard, target.rsplit(".", 1)[1], tensor)
+                except ModelFileError as e:
+                    raise ModelFileError(f"weight {name}: {e.message}", e.fix) from None
                 filled.add(f"{target}:{shard}")
         self._check_filled(params, filled)
         if self.config.tie_word_embeddings:
@@ -68,4 +76,5 @@ class CausalLM(nn.Module):
             elif name not in filled:
                 missing.append(name)
         if missing:
-            raise KeyError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+            raise ModelFileError(f"weights missing from the checkpoint: {', '.join(missing[:5])}",
+                                 "check that the checkpoint is complete")

@@ -182,8 +182,11 @@ class MergedLinear(Linear):
         lo, hi = self.offsets[shard]
         target = self.weight if param == "weight" else self.bias
         if target is None or target[lo:hi].shape != value.shape:
-            raise ValueError(f"shard {shard}.{param}: expected shape {tuple(target[lo:hi].shape) if target is not None else None},"
-                             f" got {tuple(value.shape)}")
+            from thrifty.errors import ModelFileError
+
+            expected = tuple(target[lo:hi].shape) if target is not None else None
+            raise ModelFileError(f"shard {shard}.{param}: expected shape {expected}, got {tuple(value.shape)}",
+                                 "check that config.json describes these weights")
         target.data[lo:hi].copy_(value)
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:

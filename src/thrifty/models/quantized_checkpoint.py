@@ -34,9 +34,10 @@ def is_quantized_folder(path: Path) -> bool:
     if not (path.is_dir() and (path / "config.json").is_file()):
         return False
     try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not ours: the plain folder reader names what is wrong with it
+    return isinstance(raw, dict) and "quantization_config" in raw
 
 
 def read_config(path: Path) -> ModelConfig:
