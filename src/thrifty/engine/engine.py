@@ -127,6 +127,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         if config.deterministic:
             determinism.check(loaded.dtype, loaded.weights)
+            determinism.pin_row_kernels(loaded.model)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
                                   rows_as_decodes=config.deterministic)
         self.speculator = _speculator(config, loaded, spec, self.runner.sampler, draft)

@@ -75,6 +75,8 @@ class Linear(nn.Module):
     each shard as it streams in (a QTensor), then `finalize(pack)` checks that every shard came and packs them.
     """
 
+    min_rows = 1  # deterministic mode raises it to 2 on dense weights (engine/determinism.py)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -89,7 +91,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed_forward is not None:  # the packed weight's forward, not __call__: no hooks live there
             return self._packed_forward(x, self.bias)
-        return precision.linear(x, self.weight, self.bias)
+        return precision.linear(x, self.weight, self.bias, self.min_rows)
 
     # ---- weight formats ---------------------------------------------------------------------------------
     @property

@@ -40,9 +40,16 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.d
     return dtype
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear in the dtype `matmul_dtype` picks; the result comes back in x's dtype."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 1
+           ) -> torch.Tensor:
+    """F.linear in the dtype `matmul_dtype` picks; the result comes back in x's dtype. Fewer than `min_rows`
+    rows are padded with zero rows (and dropped after): deterministic mode keeps a one-row call off the
+    matrix-vector kernel some machines reduce in another order (engine/determinism.py)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if 0 < rows < min_rows:
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([flat, flat.new_zeros(min_rows - rows, flat.shape[-1])])
+        return linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
     dt = matmul_dtype(x.dtype, x.device, rows)
     if dt == x.dtype:
         return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
