@@ -16,11 +16,11 @@ from thrifty.engine.sampling import SamplingParams
 from thrifty.engine.snapshot import EngineSnapshot
 from thrifty.server.app import create_app
 from thrifty.server.background import ServerThread
-from thrifty.server.deadline import ESTIMATE_HEADER, DeadlineAdmission
+from thrifty.server.deadline import ESTIMATE_HEADER, INFLOW_WINDOW_S, DeadlineAdmission
 from thrifty.server.errors import PromptOverDeadlineError, ServerBusyError
 
 RATE = 40.0      # tokens/s: the seeded rate; the tests' prompts stay under MIN_TOKENS or are refused, so it stays
-TIMEOUT = 1.0    # so the largest prompt that fits is 40 tokens
+TIMEOUT = 1.0    # so the largest prompt that fits is 40 x 1.0 x HEADROOM (0.6) = 24 tokens
 
 
 @pytest.fixture()
@@ -43,7 +43,7 @@ def test_prompt_past_the_deadline_is_refused_naming_the_limit(server):
     body = err.value.body
     assert err.value.status_code == 400
     assert body["code"] == "prompt_over_deadline" and body["param"] == "prompt"
-    assert "60 tokens" in body["message"] and "is 40 tokens" in body["message"]
+    assert "60 tokens" in body["message"] and "is 24 tokens" in body["message"]
 
 
 def test_prompt_within_the_deadline_is_admitted_with_its_estimate(server):
@@ -72,30 +72,59 @@ def _state(prefilling: dict[str, int] | None = None, rate: float | None = 100.0)
     return lambda tier: (snap, 10.0) if tier == "local" else None
 
 
-def test_work_queued_ahead_defers_with_retry_after():
-    d = DeadlineAdmission(_state())                   # 100 tokens/s, 10 s: 1,000 tokens fit
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_work_queued_ahead_and_the_inflow_defer_with_retry_after():
+    clock = Clock()
+    d = DeadlineAdmission(_state(), clock=clock, headroom=0.8)   # 100 tokens/s, 10 s x 0.8: 800 tokens fit
     assert d.admit("a", "local", 600) == pytest.approx(6.0)
-    with pytest.raises(ServerBusyError) as err:
-        d.admit("b", "local", 600)                    # 600 ahead + 600 = 12 s
-    assert err.value.retry_after_s == 2
-    assert d.admit("c", "local", 50) == pytest.approx(1.0)   # shortest first: 'a' delays it by 50 tokens at most
+    with pytest.raises(ServerBusyError) as err:       # 600 ahead + 600, at 100 - 600/60 tokens/s: 13.3 s
+        d.admit("b", "local", 600)
+    assert err.value.retry_after_s == 6
+    # shortest first: 'a' delays a 50-token prompt by 50 tokens, and its inflow by 50/60 tokens/s
+    assert d.admit("c", "local", 50) == pytest.approx(100 / (100 - 50 / 60))
     d.started("a")                                    # a's prefill is done: no longer ahead
+    clock.now = INFLOW_WINDOW_S + 1                   # and the arrivals left the window
     assert d.admit("b", "local", 600) == pytest.approx(6.5)
     d.release("b"), d.release("c")
-    assert d.admit("e", "local", 1000) == pytest.approx(10.0)
+    clock.now = 3 * INFLOW_WINDOW_S
+    assert d.admit("e", "local", 800) == pytest.approx(8.0)
+
+
+def test_a_stream_of_shorter_prompts_leaves_a_long_one_only_the_rate_they_leave_over():
+    clock = Clock()
+    d = DeadlineAdmission(_state(), clock=clock, headroom=0.8)
+    for i in range(60):                               # 60 x 50 tokens over the window: 50 tokens/s
+        clock.now = i
+        d.admit(f"s{i}", "local", 50)
+        d.started(f"s{i}"), d.release(f"s{i}")
+    assert d.admit("long", "local", 300) == pytest.approx(300 / 50)
+    for i in range(40):                               # 40 more: 83 tokens/s of the 100
+        d.admit(f"t{i}", "local", 50)
+        d.started(f"t{i}"), d.release(f"t{i}")
+    with pytest.raises(ServerBusyError):
+        d.admit("long2", "local", 300)
 
 
 def test_the_engine_count_replaces_the_prompt_length_once_it_prefills():
-    d = DeadlineAdmission(_state({"a": 100}))
-    d.admit("a", "local", 900)
-    assert d.admit("b", "local", 900) == pytest.approx(10.0)  # 100 left of a's 900, plus b's own 900
+    clock = Clock()
+    d = DeadlineAdmission(_state({"a": 100}), clock=clock, headroom=0.8)
+    d.admit("a", "local", 700)
+    clock.now = 2 * INFLOW_WINDOW_S
+    assert d.admit("b", "local", 700) == pytest.approx(8.0)  # 100 left of a's 700, plus b's own 700
 
 
 def test_unknown_rate_and_remote_tiers_are_not_judged():
     assert DeadlineAdmission(_state(rate=None)).admit("a", "local", 10 ** 6) is None
     assert DeadlineAdmission(_state()).admit("a", "remote", 10 ** 6) is None
     with pytest.raises(PromptOverDeadlineError):
-        DeadlineAdmission(_state()).admit("a", "local", 1001)
+        DeadlineAdmission(_state(), headroom=0.8).admit("a", "local", 801)
 
 
 def test_prefill_rate_counts_prefilling_steps_only():

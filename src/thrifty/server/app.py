@@ -165,8 +165,25 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
         for name in ("CompletionRequest", "ChatCompletionRequest"):
             props = schema["components"]["schemas"][name]["properties"]
             props["model"] = {"type": "string", "title": "Model", "enum": accepted}
+        _link_models(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(Guard, metrics=stats, api_key=api_key, max_body_bytes=settings.max_body_bytes, keys=keys)
     return app
+
+
+def _link_models(schema: dict[str, Any]) -> None:
+    """OpenAPI links from GET /v1/models to the generation routes, with the listed model's id: what a client
+    does (list, then ask), and what stateful fuzzers (schemathesis) follow to chain the calls."""
+    paths = schema["paths"]
+    ok = paths["/v1/models"]["get"]["responses"]["200"]
+    model = "$response.body#/data/0/id"
+    ok["links"] = {
+        "ChatWithListedModel": {"operationId": paths["/v1/chat/completions"]["post"]["operationId"],
+                                "requestBody": {"model": model, "max_tokens": 4,
+                                                "messages": [{"role": "user", "content": "hi"}]},
+                                "description": "a chat completion with the first listed model"},
+        "CompleteWithListedModel": {"operationId": paths["/v1/completions"]["post"]["operationId"],
+                                    "requestBody": {"model": model, "prompt": "hi", "max_tokens": 4},
+                                    "description": "a completion with the first listed model"}}
