@@ -157,6 +157,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         from thrifty.bench import serve_command
 
         serve_command.add_parser(suites)
+    if "soak" not in suites.choices:
+        from thrifty.bench import soak_command
+
+        soak_command.add_parser(suites)
     if "kv" not in suites.choices:
         from thrifty.bench import kv
 
@@ -183,6 +187,11 @@ def _run_bench(args: argparse.Namespace) -> None:
         from thrifty.bench.gateway import run as run_gateway
 
         run_gateway(args)
+        return
+    if getattr(args, "bench_command", None) == "soak":
+        from thrifty.bench.soak_command import run as run_soak
+
+        run_soak(args)
         return
     if getattr(args, "bench_command", None) == "serve":
         from thrifty.bench.serve_command import run as run_serve_bench

@@ -59,6 +59,8 @@ class ServerSettings:
     served_model_name: str | None = None     # default: the model name (a path's file stem)
     api_key_env: str | None = "THRIFTY_API_KEY"
     max_waiting_requests: int = 128          # accepted but not yet running; beyond it: 429 + Retry-After
+    deadline_admission: bool = True          # refuse (400) or defer (429) a prompt whose prefill would end past its
+                                             # tier's timeout_s at the measured prefill rate (thrifty.server.deadline)
     max_prompt_tokens: int | None = None     # default: the model's context
     max_output_tokens: int = 4096            # largest max_tokens a request may ask for
     default_max_tokens: int = 512            # a chat request without max_tokens (completions: OpenAI's 16)

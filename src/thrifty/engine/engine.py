@@ -17,6 +17,7 @@ from thrifty.engine.scheduler import Scheduler, SchedulerConfig
 from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
 from thrifty.engine.draft_proposer import DraftModelProposer, check_same_vocabulary
 from thrifty.engine.speculative import SpeculativeConfig, Speculator
+from thrifty.engine.prefill_rate import PrefillRate
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
@@ -135,6 +136,7 @@ class LLMEngine:
         self.max_model_len = min(context, spec.num_slots)
         self.stats = EngineStats()
         self.last_step_timing = StepTiming()     # where the last step's time went, phase by phase
+        self.prefill_rate = PrefillRate()        # prompt tokens/s under load: admission by deadline reads it
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -235,6 +237,7 @@ class LLMEngine:
         rows = _prompt_and_decode_rows(batch) if prefill_budget is not None else None
         sampled, samples, verified = self.runner.execute(batch, watch)
         kept = {v.seq.request_id: v.num_accepted for v in verified}
+        prompt_before = self.stats.prompt_tokens_computed
         for item in batch:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -249,6 +252,7 @@ class LLMEngine:
         if verified:
             outputs += self._postprocess_verified(verified)
         watch.lap("postprocess")
+        self.prefill_rate.observe(self.stats.prompt_tokens_computed - prompt_before, time.perf_counter() - started)
         if rows is not None:
             prefill_budget.observe(time.perf_counter() - started, *rows)
         return outputs

@@ -97,6 +97,11 @@ class Gateway:
         """Each local tier's EngineSnapshot (thread-safe: taken by the engine after each step)."""
         return [t.backend.stats_snapshot() for t in self.tiers.values() if not t.remote]
 
+    def deadline_state(self, tier: str) -> tuple[Any, float] | None:
+        """A local tier's (EngineSnapshot, timeout_s): what admission by deadline judges a prompt against."""
+        t = self.tiers.get(tier)
+        return (t.backend.stats_snapshot(), t.timeout_s) if t is not None and not t.remote else None
+
     def tokenizer(self, tier: str) -> Any:
         """The vocabulary `tier`'s token ids belong to (None: a remote or unknown tier)."""
         t = self.tiers.get(tier)

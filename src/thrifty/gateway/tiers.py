@@ -120,7 +120,7 @@ def build_gateway(config: ThriftyConfig, router=None, cache=None):
             price, how = resolve_price(t, settings)
             aliases: tuple[str, ...] = ()
         else:
-            backend, price, how = _load_local(t, settings)
+            backend, price, how = _load_local(t, settings, config.server.deadline_admission)
             aliases = (t.model,)
         print(f"thrifty: tier {t.name} ({'remote ' + str(t.api_base) if t.remote else 'local'}): "
               f"{price.describe()} ({how})", file=sys.stderr, flush=True)
@@ -133,7 +133,7 @@ def build_gateway(config: ThriftyConfig, router=None, cache=None):
 SERVING_ENGINE_DEFAULTS = {"max_decode_slowdown": 2.0}
 
 
-def _load_local(t: TierSettings, settings: RouterSettings):
+def _load_local(t: TierSettings, settings: RouterSettings, seed_prefill_rate: bool = False):
     from thrifty.engine.async_engine import AsyncEngine
     from thrifty.engine.engine import LLMEngine
     from thrifty.gateway.backends import LocalBackend
@@ -150,4 +150,6 @@ def _load_local(t: TierSettings, settings: RouterSettings):
         return result.prefill_tokens_per_s, result.decode_tokens_per_s
 
     price, how = resolve_price(t, settings, throughput)
+    if seed_prefill_rate:  # admission by deadline judges the first prompts by the probe, later ones by traffic
+        engine.prefill_rate.seed(throughput()[0])
     return LocalBackend(t.name, AsyncEngine(engine), t.model), price, how

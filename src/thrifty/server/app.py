@@ -24,6 +24,7 @@ from thrifty.gateway.gateway import Gateway
 from thrifty.server import dashboard
 from thrifty.server import schemas as s
 from thrifty.server.admission import Admission
+from thrifty.server.deadline import DeadlineAdmission
 from thrifty.server.errors import error_response, validation_error
 from thrifty.server.generation import Generation
 from thrifty.server.guard import Guard
@@ -33,7 +34,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorResponse, "description": text} for code, text in (
         (400, "Invalid request"), (401, "Missing or wrong API key"), (402, "The key's budget is spent"),
         (404, "Unknown model"), (413, "Request body too large"),
-        (429, "Too many waiting requests, or the key's requests / tokens per minute"), (500, "Server error"),
+        (429, "Too many waiting requests, prompts queued past the timeout, or the key's requests / tokens per minute"), (500, "Server error"),
         (503, "Shutting down"))}
 _STREAM_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                "description": "JSON, or server-sent events when stream is true"}
@@ -41,16 +42,17 @@ _STREAM_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
 
 def create_app(engine: AsyncEngine, model_name: str, settings: ServerSettings | None = None,
                api_key: str | None = None, aliases: tuple[str, ...] = (), cache=None,
-               cache_settings: CacheSettings | None = None) -> FastAPI:
+               cache_settings: CacheSettings | None = None, timeout_s: float = 120.0) -> FastAPI:
     """The OpenAI-compatible app for one engine: a gateway with one free local tier named `model_name`
     (its cost ledger in memory). `api_key` None: no authentication. `cache`: a
-    thrifty.gateway.cache.ResponseCache (None: no response cache, no coalescing)."""
+    thrifty.gateway.cache.ResponseCache (None: no response cache, no coalescing). `timeout_s`: the tier's
+    timeout for its first token (the deadline admission judges prompts against)."""
     from thrifty.gateway.backends import LocalBackend
     from thrifty.gateway.costs import FREE
     from thrifty.gateway.gateway import Tier
     from thrifty.gateway.router import FixedRouter
 
-    tier = Tier(model_name, LocalBackend(model_name, engine), FREE, tuple(aliases))
+    tier = Tier(model_name, LocalBackend(model_name, engine), FREE, tuple(aliases), timeout_s)
     gateway = Gateway([tier], FixedRouter(model_name), RouterSettings(retries=0), cache=cache,
                       cache_settings=cache_settings)
     return create_gateway_app(gateway, settings, api_key)
@@ -68,7 +70,8 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
     stats = ServerMetrics(gateway, lambda: admission.num_waiting())
     admission = Admission(settings.max_waiting_requests,
                           lambda: sum(e.num_running for e in gateway.engine_snapshots()),
-                          lambda reason: stats.rejected.labels(reason).inc())
+                          lambda reason: stats.rejected.labels(reason).inc(),
+                          DeadlineAdmission(gateway.deadline_state) if settings.deadline_admission else None)
     generation = Generation(gateway, settings, stats, admission)
     created = int(time.time())
     accepted = sorted(gateway.accepted_names())
@@ -162,8 +165,25 @@ def create_gateway_app(gateway: Gateway, settings: ServerSettings | None = None,
         for name in ("CompletionRequest", "ChatCompletionRequest"):
             props = schema["components"]["schemas"][name]["properties"]
             props["model"] = {"type": "string", "title": "Model", "enum": accepted}
+        _link_models(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(Guard, metrics=stats, api_key=api_key, max_body_bytes=settings.max_body_bytes, keys=keys)
     return app
+
+
+def _link_models(schema: dict[str, Any]) -> None:
+    """OpenAPI links from GET /v1/models to the generation routes, with the listed model's id: what a client
+    does (list, then ask), and what stateful fuzzers (schemathesis) follow to chain the calls."""
+    paths = schema["paths"]
+    ok = paths["/v1/models"]["get"]["responses"]["200"]
+    model = "$response.body#/data/0/id"
+    ok["links"] = {
+        "ChatWithListedModel": {"operationId": paths["/v1/chat/completions"]["post"]["operationId"],
+                                "requestBody": {"model": model, "max_tokens": 4,
+                                                "messages": [{"role": "user", "content": "hi"}]},
+                                "description": "a chat completion with the first listed model"},
+        "CompleteWithListedModel": {"operationId": paths["/v1/completions"]["post"]["operationId"],
+                                    "requestBody": {"model": model, "prompt": "hi", "max_tokens": 4},
+                                    "description": "a completion with the first listed model"}}

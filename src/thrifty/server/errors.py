@@ -40,6 +40,10 @@ class PayloadTooLargeError(ThriftyError):
     """The request body is larger than the server's limit."""
 
 
+class PromptOverDeadlineError(InvalidRequestError):
+    """A prompt this machine cannot prefill within its tier's timeout, even with nothing else to do."""
+
+
 class ShuttingDownError(ThriftyError):
     """The server is draining for shutdown and takes no new requests."""
 
@@ -53,6 +57,7 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (BudgetExceededError, 402, "insufficient_quota", "budget_exceeded"),
     (KeyRateLimitError, 429, "rate_limit_error", "rate_limit_exceeded"),
     (ShuttingDownError, 503, "service_unavailable_error", "shutting_down"),
+    (PromptOverDeadlineError, 400, "invalid_request_error", "prompt_over_deadline"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (TierTimeoutError, 504, "server_error", "tier_timeout"),
     (BackendError, 502, "server_error", "tier_failed"),

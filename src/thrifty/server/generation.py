@@ -5,6 +5,7 @@ JSON or SSE, with the gateway's tags as response headers:
     x-thrifty-cache-similarity: 0.9312                         (cache hits; 1.0 on exact hits)
     x-thrifty-route: <tier>; <reason>
     x-thrifty-cost: <USD>                                      (when known before the headers go out)
+    x-thrifty-prefill-estimate: 1.25                           (seconds to the first token, when judged)
 
 Every check that can fail happens before the request is admitted, so bad input changes no state.
 """
@@ -23,6 +24,7 @@ from thrifty.gateway.gateway import Gateway
 from thrifty.gateway.request import GatewayOutput, GatewayRequest, Reply
 from thrifty.server import schemas as s
 from thrifty.server.admission import Admission, Ticket
+from thrifty.server.deadline import ESTIMATE_HEADER
 from thrifty.server.key_limits import KeyLimits
 from thrifty.server.metrics import ServerMetrics
 from thrifty.server.requests import Caller, chat_request, completion_request, max_tokens_param
@@ -72,7 +74,7 @@ class Generation:
         gw_request, prepared = self._prepare(body, Caller.of(request.headers, key), chat)
         if key is not None:
             self.limits.admit(key)
-        ticket = self.admission.admit()
+        ticket = self.admission.admit(prepared)
         try:
             reply = await self.gateway.start(prepared)
             self.metrics.observe_reply(reply)
@@ -84,6 +86,8 @@ class Generation:
             self.admission.release(ticket)
             raise
         headers = _cache_headers(reply)
+        if ticket.estimate_s is not None:
+            headers[ESTIMATE_HEADER] = f"{ticket.estimate_s:.2f}"
         k = gw_request.params.logprobs
         if body.stream:
             known = first or reply
@@ -110,6 +114,8 @@ class Generation:
         gen = reply.outputs
         try:
             async for out in gen:
+                if last is None:
+                    self.admission.started(ticket)
                 last = out
                 yield out
         finally:
