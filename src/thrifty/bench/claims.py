@@ -321,7 +321,8 @@ def _run(c: Claim, out: Path, deadline: float) -> tuple[dict | None, str, float,
         return None, "stopped: the budget ran out", time.monotonic() - t0, png
     took = time.monotonic() - t0
     if proc.returncode != 0 or not path.is_file():
-        return None, f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}", took, png
+        last = (proc.stderr.strip().splitlines() or [""])[-1]   # the error itself: one line for the table
+        return None, f"failed (exit {proc.returncode}): {last[-300:]}", took, png
     return json.loads(path.read_text()), "measured", took, png
 
 
