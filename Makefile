@@ -8,7 +8,7 @@ MODELS ?= qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
 # but `make install` leaves it out: the default server runs the Qwen coder.
 TEST_MODELS ?= gemma-3-270m
 
-.PHONY: install browser test test-fast serve clean
+.PHONY: install browser test test-fast serve llama-server clean
 
 install: $(STAMP)
 	@$(VENV)/bin/thrifty models pull $(MODELS)
@@ -41,6 +41,22 @@ test-fast: $(STAMP)
 # `make serve HOST=0.0.0.0 PORT=8080 CONFIG=thrifty.yaml`: each optional
 serve: install
 	$(VENV)/bin/thrifty serve $(if $(CONFIG),--config $(CONFIG)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+# llama.cpp's C++ server, a peer of `thrifty bench serve --serve llama-server` (not needed by `make test`): built
+# with cmake from the llama.cpp source that llama-cpp-python's pinned sdist vendors, into the venv's bin/, where the
+# bench finds it (or set THRIFTY_LLAMA_SERVER). About 8 minutes on 2 cores.
+LLAMA_CPP_SDIST ?= llama-cpp-python==0.3.36
+LLAMA_BUILD     := build/llama-cpp
+llama-server: $(VENV)/bin/llama-server
+
+$(VENV)/bin/llama-server: $(STAMP)
+	rm -rf $(LLAMA_BUILD) && mkdir -p $(LLAMA_BUILD)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: '$(LLAMA_CPP_SDIST)' -d $(LLAMA_BUILD)
+	tar -xzf $(LLAMA_BUILD)/llama_cpp_python-*.tar.gz -C $(LLAMA_BUILD)
+	cmake -S $(LLAMA_BUILD)/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_BUILD)/out -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(LLAMA_BUILD)/out --target llama-server -j$(or $(JOBS),2)
+	cp $(LLAMA_BUILD)/out/bin/llama-server $@
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -196,3 +196,48 @@ def test_report_claims_lists_every_claim_and_keeps_to_its_budget(tmp_path, monke
     page = paths[0].read_text()
     assert "exact-cache" in page and "src='http" not in page and 'src="http' not in page   # self-contained
     assert json.loads(paths[2].read_text())["claims"][0]["key"] == "serving"
+
+
+def test_llama_server_is_found_and_started_as_a_fair_user_would(tmp_path, monkeypatch):
+    from thrifty.bench import serve_peers as peers
+    from thrifty.errors import ThriftyError
+
+    monkeypatch.setenv(peers.LLAMA_SERVER_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ThriftyError, match="not an executable"):
+        peers.find_llama_server()
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv(peers.LLAMA_SERVER_ENV, str(binary))
+    assert peers.find_llama_server() == binary
+    spec = peers.llama_server_spec(tmp_path / "m.gguf", "m", 2, 8124, slots=4, slot_ctx=1024)
+    argv = spec.argv
+    assert argv[0] == str(binary) and argv[argv.index("--parallel") + 1] == "4"
+    assert argv[argv.index("--ctx-size") + 1] == "4096" and "--cont-batching" in argv   # ctx is per slot x slots
+    assert argv[argv.index("--threads") + 1] == argv[argv.index("--threads-batch") + 1] == "2"
+    assert spec.extra_body == {"ignore_eos": True} and str(tmp_path) not in json.dumps(spec.describe)
+
+
+def _row(target: str, rate: float, ttft_p99: float, goodput: float, tput: float = 10.0) -> dict:
+    ms = {"mean": 1.0, "p50": 1.0, "p99": ttft_p99}
+    return {"target": target, "request_rate": rate, "ttft_ms": ms, "tpot_ms": ms, "itl_ms": ms, "goodput": goodput,
+            "output_throughput": tput}
+
+
+def test_compare_takes_the_strongest_llamacpp_peer_and_claims_read_it():
+    from thrifty.bench import claims
+    from thrifty.bench.serve import compare
+
+    served, peer = claims.SERVED, claims.PEER
+    results = [_row(served, 1, 500, 0.8, 60), _row(served, 2, 900, 1.2, 90), _row(claims.BUDGETED, 2, 800, 1.0, 80),
+               _row(peer, 1, 400, 0.9, 50), _row(peer, 2, 2500, 0.5, 70), _row("llamacpp", 2, 9000, 0.1)]
+    report = {"results": results, "comparison": compare(results, {"ttft": 2000})}
+    assert {x["peer"] for x in report["comparison"]} == {peer}
+    thrifty, other, met, _ = claims._serve(report)
+    assert met is False and "900" in thrifty and "2500" in other      # slower than the peer at 1 req/s
+    report["results"][3] = _row(peer, 1, 600, 0.4, 50)
+    report["comparison"] = compare(report["results"], {"ttft": 2000})
+    assert claims._serve(report)[2] is True                             # lower at both rates, 2.4x the goodput
+    thrifty, other, met, usd = claims._cost(report)
+    assert thrifty.startswith(f"${claims.usd_per_1m(90):.2f}") and "saved" in usd and met is False
+    assert claims.usd_per_1m(1.0) == pytest.approx(claims.USD_PER_HOUR / 3600 * 1e6)

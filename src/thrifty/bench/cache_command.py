@@ -1,4 +1,5 @@
-"""`thrifty cache ...`: eval (hit / false-hit rates and look-up latency on labelled pairs) and clear."""
+"""`thrifty cache ...`: eval (hit / false-hit rates and look-up latency on labelled pairs), replay (ShareGPT's
+first turns through the cache: exact and semantic hit rates on public traffic) and clear."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"among generic verbs, or 'off' (default {d.small_edit or 'off'})")
     e.add_argument("--reworded", type=_threshold, default=d.reworded, help="guard: cosine needed for a larger "
                    f"rewording, or 'off' (default {d.reworded or 'off'})")
+    r = csub.add_parser("replay", help="ShareGPT's first turns through the exact and semantic cache in order: "
+                                       "hit rates on public traffic")
+    r.add_argument("--num-prompts", type=int, default=None, help="the first N first turns (default: all)")
+    r.add_argument("--dataset-path", help="another copy of the ShareGPT JSON file (default: the package's)")
+    r.add_argument("--no-semantic", dest="semantic", action="store_false", help="exact cache only")
+    r.add_argument("--json", metavar="OUT", help="write the report as JSON")
     c = csub.add_parser("clear", help="remove cached answers (all, or one namespace)")
     c.add_argument("--config", help="YAML config file (its cache section says which store)")
     c.add_argument("--namespace", help="only this namespace")
@@ -48,6 +55,14 @@ def run(args: argparse.Namespace) -> None:
         guard = GuardConfig(same_words=args.same_words, small_edit=args.small_edit, reworded=args.reworded)
         report = evaluate(args.pairs or ["fow-cache", "traps"], store=args.store, half=args.half,
                           entries=args.entries, redis_url=args.redis_url, guard=guard)
+        print(format_report(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.json}")
+    elif args.cache_command == "replay":
+        from thrifty.bench.cache_replay import format_report, run_replay
+
+        report = run_replay(args.num_prompts, args.dataset_path, args.semantic)
         print(format_report(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,11 @@ from thrifty.bench.stats import hardware_info, now_iso
 from thrifty.errors import InvalidRequestError
 
 
+# the peers thrifty is compared with, strongest first: compare() measures each thrifty target against the first
+# of these that ran
+PEERS = ("llama-server", "llamacpp")
+
+
 @dataclass(slots=True)
 class ServeConfig:
     model: str
@@ -48,10 +53,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if bool(self.base_url) == bool(self.serve):
             raise InvalidRequestError("give --base-url or --serve (not both)", "", param="base_url")
-        unknown = [s for s in self.serve if s != "llamacpp" and peers.thrifty_engine(s) is None]
+        unknown = [s for s in self.serve if s not in PEERS and peers.thrifty_engine(s) is None]
         if unknown:
             raise InvalidRequestError(f"unknown --serve {', '.join(unknown)}",
-                                      f"llamacpp, or thrifty with any of +{', +'.join(peers.MODIFIERS)}", param="serve")
+                                      f"{', '.join(PEERS)}, or thrifty with any of +{', +'.join(peers.MODIFIERS)}",
+                                      param="serve")
 
 
 @dataclass(slots=True)
@@ -101,7 +107,9 @@ def _targets(cfg: ServeConfig, tokenizer):
     with tempfile.TemporaryDirectory(prefix="thrifty-bench-serve-") as tmp:
         for name in cfg.serve:
             port = peers.free_port()
-            if name == "llamacpp":
+            if name == "llama-server":
+                spec = peers.llama_server_spec(model_path, cfg.model, cfg.threads, port)
+            elif name == "llamacpp":
                 spec = peers.llamacpp_spec(model_path, cfg.model, cfg.threads, port, tokenizer.stop_token_ids)
             else:
                 spec = peers.thrifty_spec(name, cfg.model, cfg.threads, port, Path(tmp))
@@ -154,15 +162,18 @@ async def _run_rate(cfg: ServeConfig, target: Target, requests: list[ServeReques
 
 
 def compare(results: list[dict], slos: dict[str, float]) -> list[dict]:
-    """thrifty's numbers over llama.cpp's at each rate (when both ran): p99 TTFT ratio, goodput ratio."""
+    """thrifty's numbers over llama.cpp's at each rate (when both ran): p99 TTFT ratio, goodput ratio. The peer is
+    the strongest llama.cpp server that ran (llama-server before llama-cpp-python's)."""
     by = {(r["target"], r["request_rate"]): r for r in results}
+    ran = {r["target"] for r in results}
+    peer_name = next((p for p in PEERS if p in ran), None)
     out = []
     for (name, rate), r in by.items():
-        peer = by.get(("llamacpp", rate))
+        peer = by.get((peer_name, rate))
         if not name.startswith("thrifty") or peer is None:
             continue
         a, b = r["ttft_ms"]["p99"], peer["ttft_ms"]["p99"]
-        row = {"target": name, "request_rate": rate, "ttft_p99_ms": a, "llamacpp_ttft_p99_ms": b,
+        row = {"target": name, "peer": peer_name, "request_rate": rate, "ttft_p99_ms": a, "llamacpp_ttft_p99_ms": b,
                "ttft_p99_lower": a is not None and (b is None or a < b)}
         if slos:
             ga, gb = r.get("goodput", 0.0), peer.get("goodput", 0.0)
@@ -191,8 +202,8 @@ def format_report(report: dict) -> str:
                              "goodput req/s"], rows)]
     if report.get("comparison"):
         lines += ["", markdown_table(
-            ["thrifty", "rate", "TTFT p99 ms", "llama.cpp TTFT p99 ms", "lower", "goodput", "llama.cpp goodput",
+            ["thrifty", "peer", "rate", "TTFT p99 ms", "peer TTFT p99 ms", "lower", "goodput", "peer goodput",
              "ratio"],
-            [[x["target"], x["request_rate"], x["ttft_p99_ms"], x["llamacpp_ttft_p99_ms"], x["ttft_p99_lower"],
+            [[x["target"], x["peer"], x["request_rate"], x["ttft_p99_ms"], x["llamacpp_ttft_p99_ms"], x["ttft_p99_lower"],
               x.get("goodput"), x.get("llamacpp_goodput"), x.get("goodput_ratio")] for x in report["comparison"]])]
     return "\n".join(lines)

@@ -29,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
     target.add_argument("--serve", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                        help="start these servers one after another on the same model: llamacpp, thrifty, and thrifty "
-                             f"with +modifiers ({', '.join(MODIFIERS)}), e.g. thrifty+gguf,llamacpp")
+                        help="start these servers one after another on the same model: llama-server (llama.cpp's C++ "
+                             "server, `make llama-server`), llamacpp (llama-cpp-python's), thrifty, and thrifty "
+                             f"with +modifiers ({', '.join(MODIFIERS)}), e.g. thrifty+gguf,llama-server")
     p.add_argument("--dataset", choices=DATASETS, default="sharegpt")
     p.add_argument("--dataset-path", help="ShareGPT: another copy of the JSON file (default: the package's)")
     p.add_argument("--num-prompts", type=int, default=50, help="requests per rate (default 50)")

@@ -1,15 +1,17 @@
 """Servers that `thrifty bench serve --serve ...` starts itself, one after another, on the same GGUF file and
-thread count: thrifty's own (`thrifty serve`, as a user runs it, with variants that turn a technique off or on)
-and llama.cpp's OpenAI-compatible server from llama-cpp-python (`python -m llama_cpp.server`).
+thread count: thrifty's own (`thrifty serve`, as a user runs it, with variants that turn a technique off or on),
+llama.cpp's C++ `llama-server` (parallel slots, continuous batching: the strong peer) and llama-cpp-python's
+server (`python -m llama_cpp.server`, one request at a time).
 
 Each runs in its own process, so the benchmark's client never shares an interpreter with the server it measures.
-Both are asked for exactly max_tokens tokens: thrifty through `ignore_eos`, llama.cpp through a logit bias
-that bans the end-of-turn tokens (its server has no ignore_eos).
+All are asked for exactly max_tokens tokens: thrifty and llama-server through `ignore_eos`, llama-cpp-python
+through a logit bias that bans the end-of-turn tokens (its server has no ignore_eos).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,6 +99,44 @@ def llamacpp_spec(model_path: Path, model_name: str, threads: int, port: int, st
                       {"server": "llama_cpp.server", "llama_cpp_python": llama_cpp.__version__, "n_ctx": n_ctx,
                        "interrupt_requests": False,
                        "note": "llama-cpp-python's server runs one request at a time (no continuous batching)"})
+
+
+LLAMA_SERVER_ENV = "THRIFTY_LLAMA_SERVER"
+LLAMA_SERVER_SLOTS = 16         # parallel slots: the most requests it decodes in one batch
+LLAMA_SERVER_SLOT_CTX = 4096    # context per slot (its -c is the total, shared by the slots)
+
+
+def find_llama_server() -> Path:
+    """$THRIFTY_LLAMA_SERVER, else `llama-server` beside this Python (where `make llama-server` puts it), else PATH."""
+    given = os.environ.get(LLAMA_SERVER_ENV)
+    if given:
+        path = Path(given)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ThriftyError(f"{LLAMA_SERVER_ENV}={given} is not an executable file",
+                               "point it at a built llama-server binary, or unset it")
+        return path
+    beside = Path(sys.executable).parent / "llama-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise ThriftyError("llama.cpp's llama-server is not built",
+                       f"`make llama-server` builds it into the venv from the llama.cpp source that "
+                       f"llama-cpp-python's sdist vendors (~8 min on 2 cores), or set {LLAMA_SERVER_ENV}")
+
+
+def llama_server_spec(model_path: Path, model_name: str, threads: int, port: int, binary: Path | None = None,
+                      slots: int = LLAMA_SERVER_SLOTS, slot_ctx: int = LLAMA_SERVER_SLOT_CTX) -> ServerSpec:
+    """llama-server as a user would start it for many users: the same GGUF and threads, `slots` parallel slots of
+    `slot_ctx` tokens each, continuous batching (its default, named anyway), its own prompt cache left on."""
+    binary = binary or find_llama_server()
+    argv = [str(binary), "--model", str(model_path), "--alias", model_name, "--host", "127.0.0.1",
+            "--port", str(port), "--threads", str(threads), "--threads-batch", str(threads),
+            "--parallel", str(slots), "--ctx-size", str(slots * slot_ctx), "--cont-batching"]
+    return ServerSpec("llama-server", argv, {"ignore_eos": True},
+                      {"server": "llama.cpp llama-server", "built_from": "llama-cpp-python==0.3.36 sdist (vendored "
+                       "llama.cpp)", "parallel_slots": slots, "ctx_per_slot": slot_ctx, "continuous_batching": True})
 
 
 class ServerProcess:
