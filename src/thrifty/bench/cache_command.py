@@ -31,6 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"among generic verbs, or 'off' (default {d.small_edit or 'off'})")
     e.add_argument("--reworded", type=_threshold, default=d.reworded, help="guard: cosine needed for a larger "
                    f"rewording, or 'off' (default {d.reworded or 'off'})")
+    w = csub.add_parser("sweep", help="what a verifier after the guard could reach: best should-hit rate within "
+                        "the false-hit bounds for each design, and each stage's latency")
+    w.add_argument("--pairs", action="append", help="as for eval (default: fow-cache and traps)")
+    w.add_argument("--half", choices=["tune", "report", "all"], default="tune")
+    w.add_argument("--second", default="all-mpnet-base-v2", help="second embedder (zoo name or folder), or 'none'")
+    w.add_argument("--train", default="builtin", help="labelled pairs for the pair classifier ('builtin': "
+                   "thrifty's bench/data/cache_verifier_train.jsonl; 'none': no classifier)")
+    w.add_argument("--max-false", type=float, default=0.01, help="false-hit bound per set (default 0.01)")
+    w.add_argument("--out", metavar="DIR", help="write sweep.md, sweep.json and the per-pair rows there")
     c = csub.add_parser("clear", help="remove cached answers (all, or one namespace)")
     c.add_argument("--config", help="YAML config file (its cache section says which store)")
     c.add_argument("--namespace", help="only this namespace")
@@ -52,6 +61,8 @@ def run(args: argparse.Namespace) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
             print(f"wrote {args.json}")
+    elif args.cache_command == "sweep":
+        _sweep(args)
     else:
         from thrifty.config import load_config
         from thrifty.gateway.cache import make_store
@@ -62,3 +73,20 @@ def run(args: argparse.Namespace) -> None:
             print(f"removed {store.clear(args.namespace)} entries")
         finally:
             store.close()
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from thrifty.bench import cache_sweep
+
+    train = {"builtin": cache_sweep.train_pairs(), "none": None}.get(args.train, args.train)
+    second = None if args.second.lower() == "none" else args.second
+    report = cache_sweep.run(args.pairs or ["fow-cache", "traps"], args.half, second, train, args.max_false)
+    text = cache_sweep.format_report(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.md").write_text(text + "\n")
+        cache_sweep.save(report.pop("rows"), out / "sweep-rows.jsonl")
+        (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}/sweep.md, sweep.json, sweep-rows.jsonl")
