@@ -18,7 +18,8 @@ from thrifty.models import zoo
 from thrifty.models.zoo import ModelEntry, Part
 
 THRIFTY = Path(sys.executable).parent / "thrifty"
-NAMES = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "gemma-3-270m", "all-minilm-l6-v2"]
+NAMES = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "gemma-3-270m", "all-minilm-l6-v2",
+         "all-mpnet-base-v2"]
 
 
 @pytest.fixture
@@ -178,6 +179,62 @@ def test_folder_with_bad_weights_leaves_nothing(home: Path, tmp_path: Path) -> N
     assert list((home / "models").iterdir()) == []
 
 
+def zip_entry(tmp_path: Path, *, sha: str | None = None, evil: bool = False) -> ModelEntry:
+    """A zip of a sentence-transformers-like folder, cut into three parts (desktop.ini inside, as in the real one)."""
+    import io
+    import zipfile
+
+    weights = os.urandom(5000)
+    files = {"m/config.json": b'{"hidden_size": 8}', "m/model.safetensors": weights, "m/1_Pooling/config.json": b"{}",
+             "m/desktop.ini": b"junk", "m/1_Pooling/desktop.ini": b"junk"}
+    if evil:
+        files["m/../../escape.txt"] = b"x"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    blob = buf.getvalue()
+    cuts = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    parts = []
+    for i in range(3):
+        p = tmp_path / "zip-src" / f"model.zip.{i + 1:03d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(blob[cuts[i]:cuts[i + 1]])
+        parts.append(Part(None, str(p)))
+    size = sum(len(d) for n, d in files.items() if not n.endswith("desktop.ini") and ".." not in n)
+    return ModelEntry(name="fake-zip", kind="zip-folder", packages=(), parts=tuple(parts), filename="model.safetensors",
+                      sha256=sha or hashlib.sha256(weights).hexdigest(), size=size, description="a zipped embedder",
+                      license="none")
+
+
+def test_zip_parts_are_joined_extracted_and_verified(home: Path, tmp_path: Path) -> None:
+    entry = zip_entry(tmp_path)
+    path = zoo.pull(entry.name, registry=reg(entry))
+    assert path == home / "models" / "fake-zip"
+    assert sorted(str(p.relative_to(path)) for p in files_under(path)) == [
+        "1_Pooling/config.json", "config.json", "model.safetensors", "model.safetensors.sha256"]
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == entry.sha256
+    assert zoo.is_present(entry) and zoo.resolve(entry.name, registry=reg(entry)) == path
+    assert [p.name for p in (home / "models").iterdir()] == ["fake-zip"]  # no zip or .partial left
+
+
+def test_zip_with_bad_weights_or_parts_out_of_order_leaves_nothing(home: Path, tmp_path: Path) -> None:
+    entry = zip_entry(tmp_path, sha="2" * 64)
+    with pytest.raises(ChecksumError, match="2" * 64):
+        zoo.pull(entry.name, registry=reg(entry))
+    swapped = dataclasses.replace(zip_entry(tmp_path), parts=tuple(reversed(zip_entry(tmp_path).parts)))
+    with pytest.raises(ChecksumError):
+        zoo.pull(swapped.name, registry=reg(swapped))
+    assert files_under(home) == []
+
+
+def test_zip_member_outside_its_folder_is_refused(home: Path, tmp_path: Path) -> None:
+    entry = zip_entry(tmp_path, evil=True)
+    with pytest.raises(InstallError, match="outside its folder"):
+        zoo.pull(entry.name, registry=reg(entry))
+    assert files_under(home) == [] and not (tmp_path / "escape.txt").exists()
+
+
 # ---- packages ------------------------------------------------------------------------------------------
 def test_missing_packages_are_installed_first(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest_version = pytest.__version__
@@ -260,7 +317,7 @@ def test_real_registry_is_pinned_and_complete() -> None:
     for entry in zoo.REGISTRY.values():
         assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
         assert entry.packages and all("==" in p for p in entry.packages)
-    assert [len(zoo.REGISTRY[n].parts) for n in NAMES] == [6, 22, 4, 1]
+    assert [len(zoo.REGISTRY[n].parts) for n in NAMES] == [6, 22, 4, 1, 5]
 
 
 def test_real_parts_add_up_when_installed() -> None:
@@ -271,6 +328,8 @@ def test_real_parts_add_up_when_installed() -> None:
             continue
         if entry.kind == "gguf":
             assert sum(p.stat().st_size for p in paths) == entry.size, entry.name
+        elif entry.kind == "zip-folder":
+            assert all(p.is_file() for p in paths), entry.name
         else:
             assert (paths[0] / entry.filename).is_file() and (paths[0] / "config.json").is_file()
 

