@@ -208,3 +208,25 @@ def test_reasons_say_what_differs():
     assert "direction" in TUNED.check("convert a list to a tuple", "convert a tuple to a list", 0.99).reason
     assert "operators" in TUNED.check("What does === do?", "What does == do?", 0.99).reason
     assert "unit" in TUNED.check("How many bits in a kilobyte?", "How many bits in a megabyte?", 0.99).reason
+
+
+def test_numbers_never_raise_on_version_like_tokens():
+    """ShareGPT's replay crashed the guard on a live request: '10:3.2.1 am' fell through to float('3.2.1')."""
+    texts = ["upgrade to 11.2.0", "10:3.2.1 am", "build 1:2.3.4", "v1.2.3 vs v1.2.4", "3:4:5"]
+    for t in texts:
+        assert all(isinstance(x, float) for x in numbers(t))
+    assert numbers("upgrade to 11.2.0") == numbers("Upgrade to 11.2.0")
+    assert numbers("v1.2.3 vs v1.2.4") != numbers("v1.2.3 vs v1.2.3")
+    assert numbers("build 1:2.3.4") != numbers("build 1:2.3.5")
+
+
+def test_number_codes_agree_across_processes():
+    """A stored entry is read by other workers: a token's code must not depend on the hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from thrifty.gateway.cache.tokens import numbers; print(numbers('go to 11.2.0'))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and str(numbers("go to 11.2.0")) in outs.pop()

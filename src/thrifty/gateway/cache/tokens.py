@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+import zlib
 from functools import lru_cache
 
 from thrifty.gateway.cache.lexicon import (BARE, CONTRACTIONS, IRREGULAR, LEADING_FILLER, MONTHS, NUM, PERIODS,
@@ -91,6 +92,12 @@ def _edit_distance(a: str, b: str, cap: int) -> int:
     return prev[-1]
 
 
+def _code(token: str) -> float:
+    """A number-like token that is no number ("11.2.0", "10:3.2.1"): equal tokens match, different ones do not,
+    and no real number collides (codes live above 2e12). crc32, not hash(), so every process agrees."""
+    return 2e12 + zlib.crc32(token.encode())
+
+
 def numbers(text: str) -> list[float]:
     """Every number in the text: digits (1,000 / 9:15 / 3rd / 2-hour) and number words, sorted."""
     out: list[float] = []
@@ -108,13 +115,16 @@ def numbers(text: str) -> list[float]:
                 pass
         if ":" in s:
             h, _, rest = s.partition(":")
-            out.append(float(h) * 100 + float(rest.replace(":", "") or 0))
+            try:
+                out.append(float(h) * 100 + float(rest.replace(":", "") or 0))
+            except ValueError:
+                out.append(_code(s))
             continue
         s = s.replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", s) else s.replace(",", ".")
         try:
             out.append(float(s))
         except ValueError:
-            out.append(float(hash(s) % 10**9))
+            out.append(_code(s))
     ws = words(t.replace("-", " "))
     for i, w in enumerate(ws):
         if w == "one" and _pronoun_one(ws, i):
