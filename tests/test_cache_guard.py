@@ -230,3 +230,13 @@ def test_number_codes_agree_across_processes():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(outs) == 1 and str(numbers("go to 11.2.0")) in outs.pop()
+
+
+def test_questions_without_content_words_need_a_close_embedding():
+    """ShareGPT's replay served 'on 2' for 'more #2' (cosine 0.35) and 'Hello' for 'How are you?' (0.40): with no
+    content word on either side "same content words" says nothing, so only a near-identical embedding may hit."""
+    g = Guard()
+    assert not g.check("on 2", "more #2", 0.351).hit
+    assert not g.check("Hello", "How are you?", 0.40).hit
+    assert g.check("Hello", "hello", 1.0).hit
+    assert g.check("please continue", "continue", 0.735).hit   # a content word on both sides: the usual rule

@@ -57,6 +57,8 @@ class GuardConfig:
     small_edit: float | None = 0.85   # cosine needed when generic verbs are swapped for others (None: never)
     reworded: float | None = None     # cosine needed for a larger rewording (None: never)
     max_swap_words: int = 2           # a swap of more words than this is a rewording
+    no_content: float = 0.85          # cosine needed when neither question has a content word ("hi", "more #2"):
+                                      # "same words" is then vacuous, only the embedding is left to judge
 
     @property
     def floor(self) -> float:
@@ -228,6 +230,9 @@ class Guard:
         if (hard := _hard_words(removed + added)):
             return Decision(False, f"{hard} differs", similarity, r, a)
         if not removed and not added:
+            if not _content(wa) and not _content(wb):
+                ok = similarity >= cfg.no_content
+                return Decision(ok, "no content words" if ok else "below no-content threshold", similarity, r, a)
             ok = similarity >= cfg.same_words
             return Decision(ok, "same content words" if ok else "below same-words threshold", similarity, r, a)
         if not removed or not added:  # a narrower or a wider question, however many words it adds
