@@ -22,7 +22,7 @@ from thrifty.gateway.cache.guard import GuardConfig
 from thrifty.gateway.cache.keys import CacheRequest, Controls, build_request
 from thrifty.gateway.cache.response_cache import ResponseCache
 
-EXAMPLES = 25   # semantic hits kept in the report, for a person to judge
+EXAMPLES = 25   # semantic hits shown in the table, spread over the run (the JSON keeps every one)
 
 
 def cache_request(text: str, semantic_max_chars: int) -> CacheRequest:
@@ -35,7 +35,7 @@ def cache_request(text: str, semantic_max_chars: int) -> CacheRequest:
 
 
 async def replay(texts: list[str], cache: ResponseCache, semantic_max_chars: int, chunk: int = 256) -> dict[str, Any]:
-    """Look each text up in order, store it on a miss; counts by outcome and the first semantic hits."""
+    """Look each text up in order, store it on a miss; counts by outcome and every semantic hit."""
     counts: Counter = Counter()
     examples = []
     for start in range(0, len(texts), chunk):
@@ -50,7 +50,7 @@ async def replay(texts: list[str], cache: ResponseCache, semantic_max_chars: int
                 await cache.save(req, {"text": "(placeholder)"})
                 continue
             counts[hit.kind] += 1
-            if hit.kind != "hit" and len(examples) < EXAMPLES:
+            if hit.kind != "hit":
                 examples.append({"query": text[:300], "served": hit.entry.text[:300],
                                  "similarity": round(hit.similarity, 4)})
     n = len(texts)
@@ -92,5 +92,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"## cache replay: {r['requests']} ShareGPT first turns in the file's order, one tenant",
              f"exact hits {r['exact_hits']} ({r['exact_hit_rate'] * 100:.2f} %), semantic hits beyond them "
              f"{r['semantic_hits']} ({r['semantic_hit_rate'] * 100:.2f} %), misses {r['misses']}"]
-    lines += [f"- {e['similarity']:.3f}: {e['query'][:80]!r} <- {e['served'][:80]!r}" for e in r["semantic_examples"]]
+    shown = r["semantic_examples"]
+    if len(shown) > EXAMPLES:   # evenly spaced, so the greetings that come first do not fill the table
+        shown = [shown[i * len(shown) // EXAMPLES] for i in range(EXAMPLES)]
+    lines.append(f"{len(shown)} of the {len(r['semantic_examples'])} semantic hits, for a person to judge:")
+    lines += [f"- {e['similarity']:.3f}: {e['query'][:80]!r} <- {e['served'][:80]!r}" for e in shown]
     return "\n".join(lines)
