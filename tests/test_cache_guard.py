@@ -240,3 +240,17 @@ def test_questions_without_content_words_need_a_close_embedding():
     assert not g.check("Hello", "How are you?", 0.40).hit
     assert g.check("Hello", "hello", 1.0).hit
     assert g.check("please continue", "continue", 0.735).hit   # a content word on both sides: the usual rule
+
+
+def test_verify_soft_overrules_only_soft_refusals():
+    """`verify_soft` lets a close embedding answer a swap or an added word, never a changed fact."""
+    strict, lenient = Guard(), Guard(GuardConfig(verify_soft=0.9))
+    soft = ("How do I sort a list in Python?", "How can I order a list in Python?")
+    assert not strict.check(*soft, 0.95).hit
+    assert lenient.check(*soft, 0.95).hit and lenient.check(*soft, 0.95).reason.startswith("close embedding")
+    assert not lenient.check(*soft, 0.85).hit                      # below the overruling cosine
+    for hard in [("How do I enable 2FA?", "How do I disable 2FA?"),
+                 ("Convert 5 km to miles", "Convert 6 km to miles"),
+                 ("Is it safe to run this?", "Is it not safe to run this?"),
+                 ("How do I do this in C?", "How do I do this in C++?")]:
+        assert not lenient.check(*hard, 0.99).hit, hard

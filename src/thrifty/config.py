@@ -108,6 +108,7 @@ class CacheSettings:
     same_words: float = 0.30                 # guard thresholds (thrifty.gateway.cache.guard.GuardConfig)
     small_edit: float | None = 0.85          # a swap among generic verbs ("check"/"find"); None: never
     reworded: float | None = None            # None: a larger rewording never hits
+    verify_soft: float | None = None         # cosine that overrules a soft refusal (never a hard fact); None: never
     semantic_max_chars: int = 2000           # longer texts: exact cache only
     timeout_ms: float | None = None          # per store call; default 50 (redis), 1000 (embedded)
     breaker_failures: int = 3                # errors in a row that open the circuit

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"among generic verbs, or 'off' (default {d.small_edit or 'off'})")
     e.add_argument("--reworded", type=_threshold, default=d.reworded, help="guard: cosine needed for a larger "
                    f"rewording, or 'off' (default {d.reworded or 'off'})")
+    e.add_argument("--verify-soft", type=_threshold, default=d.verify_soft, help="guard: cosine that overrules a "
+                   f"soft refusal (words swapped, added or removed), or 'off' (default {d.verify_soft or 'off'})")
     r = csub.add_parser("replay", help="ShareGPT's first turns through the exact and semantic cache in order: "
                                        "hit rates on public traffic")
     r.add_argument("--num-prompts", type=int, default=None, help="the first N first turns (default: all)")
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
     if args.cache_command == "eval":
         from thrifty.bench.cache_eval import evaluate, format_report
 
-        guard = GuardConfig(same_words=args.same_words, small_edit=args.small_edit, reworded=args.reworded)
+        guard = GuardConfig(same_words=args.same_words, small_edit=args.small_edit, reworded=args.reworded,
+                            verify_soft=args.verify_soft)
         report = evaluate(args.pairs or ["fow-cache", "traps"], store=args.store, half=args.half,
                           entries=args.entries, redis_url=args.redis_url, guard=guard)
         _emit(format_report(report), report, args.json)

@@ -14,11 +14,11 @@ import asyncio
 import json
 import tempfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from thrifty.config import CacheSettings
-from thrifty.gateway.cache.guard import GuardConfig
 from thrifty.gateway.cache.keys import CacheRequest, Controls, build_request
 from thrifty.gateway.cache.response_cache import ResponseCache
 
@@ -64,7 +64,7 @@ def run_replay(num_prompts: int | None = None, path: str | Path | None = None, s
                embedder=None) -> dict[str, Any]:
     """The replay over the first `num_prompts` first turns of the ShareGPT file (all when None)."""
     from thrifty.bench.sharegpt import load_turns
-    from thrifty.gateway.cache import make_store
+    from thrifty.gateway.cache import guard_config, make_store
 
     turns, info = load_turns(path)
     texts = [t.prompt for t in turns[:num_prompts]]
@@ -77,14 +77,13 @@ def run_replay(num_prompts: int | None = None, path: str | Path | None = None, s
         store = make_store("embedded", path=Path(tmp) / "replay.sqlite3", max_entries=len(texts) + 1,
                            timeout_s=10.0, dim=embedder.dim if embedder else 384)
         try:
-            cache = ResponseCache(store, embedder=embedder, semantic=semantic, guard=GuardConfig(), timeout_s=10.0,
+            cache = ResponseCache(store, embedder=embedder, semantic=semantic, guard=guard_config(settings), timeout_s=10.0,
                                   name="replay cache")
             result = asyncio.run(replay(texts, cache, settings.semantic_max_chars))
         finally:
             store.close()
     return {"benchmark": "cache-replay", "dataset": info, "semantic": semantic,
-            "guard": {"same_words": settings.same_words, "small_edit": settings.small_edit,
-                      "reworded": settings.reworded},
+            "guard": asdict(guard_config(settings)),
             "semantic_max_chars": settings.semantic_max_chars, **result}
 
 

@@ -28,12 +28,11 @@ import numpy as np
 
 from thrifty.bench.cache_eval import _pair_scope, load_pairs
 from thrifty.errors import ThriftyError
-from thrifty.gateway.cache.guard import Guard, GuardConfig
+from thrifty.gateway.cache.guard import SOFT_REFUSALS, Guard, GuardConfig
 
-# the guard's reasons that a verifier may overrule: every other reason is a hard refusal
-SOFT_REASONS = frozenset({"same content words", "below same-words threshold", "words only added or removed",
-                          "swap beyond generic verbs", "small edit", "below small edit threshold", "small edit: off",
-                          "reworded", "below reworded threshold", "reworded: off"})
+# the guard's reasons that a verifier may overrule (its soft refusals and the hits they sit beside): every other
+# reason is a hard refusal
+SOFT_REASONS = SOFT_REFUSALS | {"same content words", "no content words", "small edit", "reworded"}
 REWORDED = frozenset({"reworded", "below reworded threshold", "reworded: off"})
 GRID = np.round(np.arange(0.0, 1.0001, 0.01), 2)
 

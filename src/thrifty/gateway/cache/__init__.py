@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CacheEntry", "CacheRequest", "CacheStats", "CacheStore", "CacheStoreError", "CircuitBreaker",
            "Controls", "Decision", "Guard", "GuardConfig", "Hit", "ResponseCache", "build_cache", "build_request",
-           "make_store", "tenant_id"]
+           "guard_config", "make_store", "tenant_id"]
 
 
 def default_path() -> Path:
@@ -46,6 +46,11 @@ def make_store(kind: str, *, path: str | Path | None = None, url: str | None = N
     raise ValueError(f"unknown cache store {kind!r}; use 'embedded' or 'redis'")
 
 
+def guard_config(settings: CacheSettings) -> GuardConfig:
+    return GuardConfig(same_words=settings.same_words, small_edit=settings.small_edit, reworded=settings.reworded,
+                       verify_soft=settings.verify_soft)
+
+
 def build_cache(settings: CacheSettings, embedder=None) -> ResponseCache | None:
     """The ResponseCache the settings describe (None when disabled). Nothing here connects to Redis."""
     if not settings.enabled:
@@ -56,7 +61,7 @@ def build_cache(settings: CacheSettings, embedder=None) -> ResponseCache | None:
         embedder = Embedder.from_zoo(settings.embedder)
     store = make_store(settings.store, path=settings.path, url=settings.url(), max_entries=settings.max_entries,
                        timeout_s=settings.timeout_s(), dim=getattr(embedder, "dim", 384))
-    guard = GuardConfig(same_words=settings.same_words, small_edit=settings.small_edit, reworded=settings.reworded)
+    guard = guard_config(settings)
     breaker = CircuitBreaker(failures=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s)
     return ResponseCache(store, embedder=embedder, semantic=settings.semantic, guard=guard,
                          timeout_s=settings.timeout_s(), breaker=breaker, name=f"{settings.store} cache")

@@ -48,7 +48,13 @@ from thrifty.gateway.cache.structure import (case_conflict, operator_conflict, q
                                              relation_conflict)
 from thrifty.gateway.cache.tokens import close, contains, names, numbers, stem, synonyms, words
 
-__all__ = ["Decision", "Guard", "GuardConfig", "names", "numbers", "words"]
+__all__ = ["SOFT_REFUSALS", "Decision", "Guard", "GuardConfig", "names", "numbers", "words"]
+
+
+# refusals that only say the words differ, not that a fact does: an embedding may overrule them (`verify_soft`)
+SOFT_REFUSALS = frozenset({"below same-words threshold", "below no-content threshold", "words only added or removed",
+                           "swap beyond generic verbs", "below small edit threshold", "small edit: off",
+                           "below reworded threshold", "reworded: off"})
 
 
 @dataclass(slots=True)
@@ -59,6 +65,8 @@ class GuardConfig:
     max_swap_words: int = 2           # a swap of more words than this is a rewording
     no_content: float = 0.85          # cosine needed when neither question has a content word ("hi", "more #2"):
                                       # "same words" is then vacuous, only the embedding is left to judge
+    verify_soft: float | None = None  # cosine that overrules a soft refusal (words swapped, added or removed, a
+                                      # rewording); hard facts (numbers, negation, names, order...) never yield
 
     @property
     def floor(self) -> float:
@@ -225,6 +233,15 @@ class Guard:
             return no(why)
         if (why := _structure(stored, query, wa, wb)) is not None:
             return no(why)
+        decision = self._by_words(wa, wb, similarity)
+        if not decision.hit and cfg.verify_soft is not None and similarity >= cfg.verify_soft \
+                and decision.reason in SOFT_REFUSALS:
+            return Decision(True, "close embedding over a soft refusal", similarity, decision.removed, decision.added)
+        return decision
+
+    def _by_words(self, wa: list[str], wb: list[str], similarity: float) -> Decision:
+        """Past the hard facts: what the content words left unmatched say, and the cosine where they cannot."""
+        cfg = self.config
         removed, added = _unmatched(_content(wa), _content(wb))
         r, a = tuple(removed), tuple(added)
         if (hard := _hard_words(removed + added)):
