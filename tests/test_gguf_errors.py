@@ -10,6 +10,7 @@ import pytest
 
 from thrifty.errors import ModelFileError, ThriftyError, UnsupportedModelError
 from thrifty.models.gguf_file import GGUFFile
+from damage import damaged
 from tiny_gguf import TinySpec, write_tiny_gguf
 
 SMALL = TinySpec(num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
@@ -140,13 +141,7 @@ def test_fuzzed_headers_give_typed_errors_only(small_gguf: Path, tmp_path: Path)
     data_start = layout(small_gguf)["data"]
     rng = np.random.default_rng(0)
     path = tmp_path / "fuzz.gguf"
-    cases = [original[:int(cut)] for cut in rng.integers(0, len(original), 60)]
-    for _ in range(300):
-        mutated = bytearray(original)
-        for pos in rng.integers(0, data_start, rng.integers(1, 4)):
-            mutated[pos] = int(rng.integers(0, 256))
-        cases.append(bytes(mutated))
-    for case in cases:
+    for case in damaged(original, data_start, rng, cuts=60, flips=300):
         write(path, case)
         try:
             f = GGUFFile(path)

@@ -16,6 +16,7 @@ from thrifty.errors import ThriftyError
 from thrifty.models import loader
 from thrifty.models.gguf_file import GGUFFile
 from thrifty.models.tokenizer import Tokenizer
+from damage import damaged
 from tiny_gguf import TinySpec, write_tiny_gguf
 
 SMALL = TinySpec(num_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
@@ -107,14 +108,7 @@ def test_fuzzed_folders_give_typed_errors_only(hf_folder: Path, tmp_path: Path) 
     folder = tmp_path / "m"
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         original = (hf_folder / name).read_bytes()
-        head = min(len(original), 600)
-        cases = [original[:int(cut)] for cut in rng.integers(0, len(original), 25)]
-        for _ in range(40):
-            mutated = bytearray(original)
-            for pos in rng.integers(0, head, rng.integers(1, 4)):
-                mutated[pos] = int(rng.integers(0, 256))
-            cases.append(bytes(mutated))
-        for case in cases:
+        for case in damaged(original, min(len(original), 600), rng, cuts=25, flips=40):
             copy_of(hf_folder, folder)
             (folder / name).write_bytes(case)
             loads_or_names_the_cause(folder)

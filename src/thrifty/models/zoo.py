@@ -194,16 +194,21 @@ def _copy_folder(entry: ModelEntry, src: Path) -> None:
         weights = src / entry.filename
         with open(tmp / entry.filename, "wb") as out:
             actual = _copy_hashing([weights], out, weights.stat().st_size, f"copying {entry.name}")
-        if actual != entry.sha256:
-            raise _mismatch(entry, f"{entry.filename}", actual)
-        if (size := size_on_disk(tmp)) != entry.size:
-            raise ChecksumError(f"the folder of {entry.name} holds {size} bytes, expected {entry.size}",
-                                _reinstall_fix(entry))
-        _write_marker(entry, tmp)
-        _swap_in(tmp, dest)
+        _verify_and_swap_in(entry, tmp, actual, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _verify_and_swap_in(entry: ModelEntry, folder: Path, weights_sha256: str | None, dest: Path) -> None:
+    """A copied model folder lands only with its weights' recorded hash and its recorded size."""
+    if weights_sha256 != entry.sha256:
+        raise _mismatch(entry, f"{entry.filename}", weights_sha256)
+    if (size := size_on_disk(folder)) != entry.size:
+        raise ChecksumError(f"the folder of {entry.name} holds {size} bytes, expected {entry.size}",
+                            _reinstall_fix(entry))
+    _write_marker(entry, folder)
+    _swap_in(folder, dest)
 
 
 def _unzip_folder(entry: ModelEntry, sources: list[Path]) -> None:
@@ -221,13 +226,7 @@ def _unzip_folder(entry: ModelEntry, sources: list[Path]) -> None:
         folder = tmp / "folder"
         actual = _extract(entry, archive, folder)
         archive.unlink()
-        if actual != entry.sha256:
-            raise _mismatch(entry, f"{entry.filename}", actual)
-        if (size := size_on_disk(folder)) != entry.size:
-            raise ChecksumError(f"the folder of {entry.name} holds {size} bytes, expected {entry.size}",
-                                _reinstall_fix(entry))
-        _write_marker(entry, folder)
-        _swap_in(folder, dest)
+        _verify_and_swap_in(entry, folder, actual, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
