@@ -168,7 +168,7 @@ def test_merged_linear_still_loads_dense_shards():
     m = MergedLinear(8, {"a": 4, "b": 2}, bias=True)
     m.load_shard("b", "weight", torch.ones(2, 8))
     assert m.weight[4:].sum() == 16
-    with pytest.raises(ValueError):
+    with pytest.raises(ModelFileError, match="shard a.weight"):
         m.load_shard("a", "weight", torch.ones(3, 8))
 
 
