@@ -100,8 +100,12 @@ def test_bad_values_are_clear_errors(tiny):
 
 
 def test_config_and_cli_carry_the_switch(tiny):
+    from thrifty import LLM
     from thrifty.cli import build_parser
     from thrifty.config import ThriftyConfig
+
+    llm = LLM(str(tiny), dtype="float32", lm_head="int8", num_kv_blocks=16, max_num_seqs=1)
+    assert llm.engine.runner.model.lm_head.qweight is not None
 
     assert ThriftyConfig(engine={"lm_head": "int8"}).engine_config().lm_head == "int8"
     with pytest.raises(InvalidRequestError, match="lm_head"):
