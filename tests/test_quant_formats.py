@@ -133,7 +133,8 @@ def test_load_with_weights_runs_the_format(tiny128, weights, fmt, tol):
     """`int4` alone is the default group (32, read off the frontier in the README)."""
     ref = _logits(load(tiny128, dtype="float32"))
     loaded = load(tiny128, dtype="float32", weights=weights)
-    assert formats(loaded.model) == {fmt: 9} and loaded.weights == weights.replace("int4", "int4-g32", weights == "int4")
+    assert formats(loaded.model) == {fmt: 9}        # lm_head auto: the untied head in the layers' format
+    assert loaded.weights == weights.replace("int4", "int4-g32", weights == "int4") and loaded.lm_head == "weights"
     err = (_logits(loaded) - ref).abs().max() / ref.abs().max()
     assert err < tol
     dense = weight_bytes(load(tiny128, dtype="float32").model)["linear"]

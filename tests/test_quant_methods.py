@@ -246,6 +246,7 @@ def test_sharded_folder_and_missing_shard(tiny, tmp_path):
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 1
     assert formats(load(out).model) == {"int8": 9}
+    assert formats(load(out, lm_head="dense").model) == {"int8": 8, "bfloat16": 1}   # the head dequantized
     shards[1].unlink()
     with pytest.raises(ModelFileError, match="missing 1 of"):
         load(out)

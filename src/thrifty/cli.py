@@ -44,8 +44,16 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _lm_head_flag(p, "auto")
     _kv_cache_dtype_flag(p, "auto")
     _speculative_flags(p)
+
+
+def _lm_head_flag(p: argparse.ArgumentParser, default: str | None) -> None:
+    from thrifty.models.lm_head import FLAG_HELP, LM_HEADS
+
+    p.add_argument("--lm-head", default=default, choices=LM_HEADS,
+                   help=FLAG_HELP + ("" if default else " (default: the config's engine.lm_head, else auto)"))
 
 
 def _kv_cache_dtype_flag(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -87,6 +95,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
                                    weights=args.weights, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
+                                   lm_head=args.lm_head,
                                    speculative=_speculative_section(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
@@ -112,6 +121,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
                                      "named by server.api_key_env; unset: no auth)")
     _kv_cache_dtype_flag(p, None)
+    _lm_head_flag(p, None)
     _speculative_flags(p)
 
 
@@ -130,6 +140,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         config.engine["device"] = args.device
     if args.kv_cache_dtype:
         config.engine["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.lm_head:
+        config.engine["lm_head"] = args.lm_head
     speculative = _speculative_section(args, config.engine.get("speculative"))
     if speculative is not None:
         config.engine["speculative"] = speculative
@@ -302,6 +314,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     e = esub.add_parser("ppl", help="perplexity on held-out stdlib code and prose, KL vs bf16, weight bytes")
     e.add_argument("--model", required=True, help="zoo name, .gguf file, Hugging Face or quantized folder")
     e.add_argument("--weights", default="auto", help="auto, bf16, int8, int4[-gG], fp8, gguf, or a quantized DIR")
+    _lm_head_flag(e, "auto")
     e.add_argument("--max-eval-tokens", type=int, default=4096, help="held-out tokens, half code, half prose")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
     e.add_argument("--json", metavar="FILE", help="write the result as JSON")
@@ -314,7 +327,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from thrifty.bench.ppl import eval_ppl
 
-    result = eval_ppl(args.model, args.weights, args.max_eval_tokens, args.seq_len, threads=args.threads)
+    result = eval_ppl(args.model, args.weights, args.max_eval_tokens, args.seq_len, threads=args.threads,
+                      lm_head=args.lm_head)
     kl = result["kl_vs_bf16"]
     print(f"weights {result['weights']}: ppl {result['ppl']:.4f} (code {result['ppl_code']:.4f}, prose "
           f"{result['ppl_prose']:.4f}), KL vs bf16 {'-' if kl is None else f'{kl:.5f}'}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from thrifty.errors import InvalidRequestError
+from thrifty.models.lm_head import FLAG_HELP as LM_HEAD_HELP, LM_HEADS
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a `thrifty quantize` folder")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--lm-head", default="auto", choices=LM_HEADS, help=LM_HEAD_HELP)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for thrifty's KV cache (default 1)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
             requests=args.requests, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, threads=args.threads, hf_requests=args.hf_requests,
-            weights=args.weights, device=args.device,
+            weights=args.weights, lm_head=args.lm_head, device=args.device,
             repeats=args.repeats, hf_dtype=args.hf_dtype, warmup=args.warmup, progress=args.progress)
         report = run_throughput(cfg)
         print(format_report(report))
@@ -178,7 +180,8 @@ def run(args: argparse.Namespace) -> None:
         from thrifty.bench.step import StepConfig, format_report, run_step
 
         cfg = StepConfig(model=args.model, batch=args.batch, context=args.context, steps=args.steps,
-                         profile_steps=args.profile_steps, weights=args.weights, dtype=args.dtype,
+                         profile_steps=args.profile_steps, weights=args.weights, lm_head=args.lm_head,
+                         dtype=args.dtype,
                          device=args.device, threads=args.threads, block_size=args.block_size, seed=args.seed,
                          progress=args.progress)
         report = run_step(cfg)
@@ -191,6 +194,7 @@ def run(args: argparse.Namespace) -> None:
             model=args.model, workloads=args.workloads, batch=args.batch, requests=args.requests,
             output_len=args.output_len, num_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min,
             ngram_max=args.ngram_max, disable_by_batch_size=args.disable_by_batch_size, weights=args.weights,
+            lm_head=args.lm_head,
             dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=args.threads, progress=args.progress,
             draft=args.draft, draft_weights=args.draft_weights, methods=args.methods)
         report = run_spec(cfg)
@@ -203,7 +207,8 @@ def run(args: argparse.Namespace) -> None:
             model=args.model, shared_prefix=args.shared_prefix, suffix=args.suffix, requests=args.requests,
             output_len=args.output_len, seed=args.seed, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads,
-            weights=args.weights, device=args.device, warmup=args.warmup, progress=args.progress)
+            weights=args.weights, lm_head=args.lm_head, device=args.device, warmup=args.warmup,
+            progress=args.progress)
         report = run_prefix(cfg)
         print(format_report(report))
         plot = rep.plot_prefix
@@ -213,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
         cfg = FairnessConfig(
             model=args.model, long=args.long, short=args.short, short_every_s=args.short_every, streams=args.streams,
             slowdowns=tuple(float(x) for x in _name_list(args.slowdowns)), seed=args.seed, dtype=args.dtype,
-            weights=args.weights, device=args.device, kv_cache_memory=args.kv_cache_memory,
+            weights=args.weights, lm_head=args.lm_head, device=args.device, kv_cache_memory=args.kv_cache_memory,
             max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads, progress=args.progress)
         report = run_fairness(cfg)
         print(format_report(report))

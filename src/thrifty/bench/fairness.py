@@ -36,6 +36,7 @@ class FairnessConfig:
     seed: int = 0
     dtype: str = "auto"
     weights: str = "auto"
+    lm_head: str = "auto"                  # the output head's format (thrifty.models.lm_head)
     device: str | None = None
     kv_cache_memory: float = 1.0
     max_num_batched_tokens: int = 2048
@@ -54,7 +55,7 @@ def run_fairness(cfg: FairnessConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(f"loading {cfg.model} ...", file=sys.stderr, flush=True)
-    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights)
+    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights, lm_head=cfg.lm_head)
     high = token_high(min(loaded.config.vocab_size, loaded.tokenizer.vocab_size), loaded.tokenizer.stop_token_ids)
     if cfg.long + 8 > loaded.config.max_position_embeddings:
         raise InvalidRequestError(f"--long {cfg.long} exceeds the model's context", "", param="long")

@@ -27,7 +27,7 @@ def sequence_logprobs(model, config, ids: list[int], kv_dtype: torch.dtype | Non
     storage (default: the model's dtype; int8 / fp8 with `k_transform`, as the engine does), read by every
     attention."""
     device = next(model.parameters()).device
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.norm.weight.dtype   # the compute dtype (an int8 head's tied table is no dense weight)
     meta = prefill_meta(config, [len(ids)], kv_dtype or dtype, device, k_transform=k_transform)
     with set_forward_context(meta):
         hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
@@ -79,7 +79,7 @@ def score(loaded, evalset: EvalSet, keep_as_reference: bool = False, progress: b
     n_all = sum(count.values())
     wb = weight_bytes(loaded.model)
     return {
-        "weights": loaded.weights, "formats": formats(loaded.model),
+        "weights": loaded.weights, "lm_head": loaded.lm_head, "formats": formats(loaded.model),
         "ppl": math.exp(sum(nll.values()) / n_all),
         "ppl_code": math.exp(nll["code"] / count["code"]),
         "ppl_prose": math.exp(nll["prose"] / count["prose"]),
@@ -102,21 +102,21 @@ def reference_spec(model: str, weights: str) -> str:
 
 
 def eval_ppl(model: str, weights: str = "auto", max_eval_tokens: int = 4096, seq_len: int = 512,
-             progress: bool = True, threads: int | None = None) -> dict:
+             progress: bool = True, threads: int | None = None, lm_head: str = "auto") -> dict:
     """`thrifty eval ppl`: the format's scores, with KL against the bf16 reference of the same checkpoint."""
     from thrifty.models.loader import load
 
     if threads:
         torch.set_num_threads(threads)
     ref_model = reference_spec(model, weights)
-    reference = load(ref_model, dtype="bfloat16", weights="bf16")
+    reference = load(ref_model, dtype="bfloat16", weights="bf16", lm_head="dense")
     evalset = EvalSet.build(reference.tokenizer, max_eval_tokens, seq_len)
     ref_scores = score(reference, evalset, keep_as_reference=True, progress=progress, label="bf16")
-    if weights in ("auto", "bf16", "bfloat16") and ref_model == model:
+    if weights in ("auto", "bf16", "bfloat16") and ref_model == model and lm_head in ("auto", "dense"):
         result = dict(ref_scores)
     else:
         del reference
-        candidate = load(model, weights=weights)
+        candidate = load(model, weights=weights, lm_head=lm_head)
         result = score(candidate, evalset, progress=progress, label=str(weights))
     result.update(model=str(model), reference={k: ref_scores[k] for k in ("ppl", "ppl_code", "ppl_prose")},
                   max_eval_tokens=max_eval_tokens, seq_len=seq_len, data=data.describe())

@@ -32,6 +32,7 @@ class PrefixConfig:
     max_num_batched_tokens: int = 2048
     threads: int | None = None
     weights: str = "auto"                 # weight format (thrifty.models.weight_spec)
+    lm_head: str = "auto"                 # the output head's format (thrifty.models.lm_head)
     device: str | None = None             # auto / cpu / cuda
     warmup: bool = True
     progress: bool = True
@@ -58,7 +59,7 @@ def run_prefix(cfg: PrefixConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(f"loading {cfg.model} ...", file=sys.stderr, flush=True)
-    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights)
+    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights, lm_head=cfg.lm_head)
     high = token_high(min(loaded.config.vocab_size, loaded.tokenizer.vocab_size), loaded.tokenizer.stop_token_ids)
     prompt_len = cfg.shared_prefix + cfg.suffix
     if prompt_len + cfg.output_len > loaded.config.max_position_embeddings:

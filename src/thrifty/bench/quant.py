@@ -40,6 +40,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
                    help=f"int4 groups of the RTN, AWQ and GPTQ rows (default {DEFAULT_GROUP_SIZES})")
     q.add_argument("--awq", help="an AWQ folder from thrifty quantize: one AWQ row, at the folder's own group")
     q.add_argument("--gptq", help="a GPTQ folder from thrifty quantize: one GPTQ row, at the folder's own group")
+    q.add_argument("--lm-heads", default="auto",
+                   help="comma-separated lm_head values (auto, dense, int8): each thrifty row but bf16 runs once per "
+                        "value, labelled with it when more than one is given (default auto)")
     q.add_argument("--max-eval-tokens", type=int, default=2048)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--greedy-prompts", type=int, default=20)
@@ -56,31 +59,43 @@ class Row:
     name: str                  # as given in --formats
     group: int | None = None   # int4 methods
     folder: str | None = None  # a given AWQ / GPTQ folder
+    head: str = "auto"         # the lm_head value it loads with
+    head_in_label: bool = False
 
     @property
     def label(self) -> str:
         if self.name in METHODS:
-            return f"int4-g{self.group} {METHODS[self.name]}"
-        return {"llamacpp": "llama.cpp", "llamacpp-q4_0": "llama.cpp Q4_0"}.get(self.name, self.name)
+            base = f"int4-g{self.group} {METHODS[self.name]}"
+        else:
+            base = {"llamacpp": "llama.cpp", "llamacpp-q4_0": "llama.cpp Q4_0"}.get(self.name, self.name)
+        return f"{base}, head {self.head}" if self.head_in_label else base
 
 
-def plan_rows(formats: str, group_sizes: str, folders: dict[str, str | None]) -> list[Row]:
-    """bf16 first (the reference), then each format; int4 methods once per group size (or at a given folder's)."""
+def plan_rows(formats: str, group_sizes: str, folders: dict[str, str | None], heads: str = "auto") -> list[Row]:
+    """bf16 first (the reference), then each format; int4 methods once per group size (or at a given folder's);
+    each thrifty row once per lm_head value."""
     from thrifty.models import quantized_checkpoint as checkpoint
+    from thrifty.models.lm_head import check_lm_head
 
     names = [f.strip() for f in formats.split(",") if f.strip()]
     groups = _groups(group_sizes)
+    head_values = [check_lm_head(h) for h in heads.split(",") if h.strip()] or ["auto"]
+    several = len(head_values) > 1
     rows = [Row("bf16")]
     for name in names:
         if name == "bf16":
             continue
+        if name.startswith("llamacpp"):
+            rows.append(Row(name))
+            continue
         if folders.get(name):
             group = checkpoint.quantization_config(Path(folders[name]))["group_size"]
-            rows.append(Row(name, group, folders[name]))
+            base = [Row(name, group, folders[name])]
         elif name in METHODS:
-            rows += [Row(name, g) for g in groups]
+            base = [Row(name, g) for g in groups]
         else:
-            rows.append(Row(name))
+            base = [Row(name)]
+        rows += [Row(r.name, r.group, r.folder, h, several) for r in base for h in head_values]
     return rows
 
 
@@ -177,7 +192,8 @@ def _speed(loaded, prompt: list[int], long_prompt: list[int], decode_tokens: int
 
 
 def _row(row: Row, scores: dict, greedy_match: dict[str, float], decode: float, prefill: float) -> dict:
-    return {"format": row.label, "method": METHODS.get(row.name), "group_size": row.group, **scores,
+    return {"format": row.label, "method": METHODS.get(row.name), "group_size": row.group, "lm_head_option": row.head,
+            **scores,
             "greedy_match_vs_bf16": greedy_match["chat"], "greedy_match_vs_bf16_text": greedy_match["text"],
             "decode_tok_s": decode, "prefill_tok_s": prefill}
 
@@ -316,7 +332,8 @@ def run_quant(args: argparse.Namespace) -> dict:
     from thrifty.bench.quant_frontier import choose_defaults
 
     torch.set_num_threads(args.threads)
-    plan = plan_rows(args.formats, args.group_sizes, {"awq": args.awq, "gptq": args.gptq})
+    plan = plan_rows(args.formats, args.group_sizes, {"awq": args.awq, "gptq": args.gptq},
+                     getattr(args, "lm_heads", "auto"))
     path = zoo.resolve(args.model)
     reference = load(path, weights="bf16")
     tok = reference.tokenizer
@@ -335,7 +352,8 @@ def run_quant(args: argparse.Namespace) -> dict:
                 rows.append({"format": row.label, "error": "llama-cpp-python is not installed "
                                                            "(pip install llama-cpp-python==0.3.36)"})
             continue
-        loaded = reference if row.name == "bf16" else load(path, weights=_weights(args.model, row, args.progress))
+        loaded = reference if row.name == "bf16" else load(path, weights=_weights(args.model, row, args.progress),
+                                                           lm_head=row.head)
         scores = score(loaded, evalset, keep_as_reference=row.name == "bf16", progress=args.progress,
                        label=row.label)
         outs = _greedy(loaded, prompts, args.greedy_tokens)

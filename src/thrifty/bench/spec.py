@@ -48,6 +48,7 @@ class SpecBenchConfig:
     ngram_max: int = 4
     disable_by_batch_size: int | None = None   # None: the engine's default
     weights: str = "auto"
+    lm_head: str = "auto"                # the output head's format, target and draft (thrifty.models.lm_head)
     dtype: str = "auto"
     kv_cache_memory: float = 1.0
     threads: int | None = None
@@ -161,8 +162,8 @@ def _cell(loaded, cfg: SpecBenchConfig, method: str, batch: int, prompts: list[l
 def run_spec(cfg: SpecBenchConfig) -> dict:
     from thrifty.models.loader import load
 
-    loaded = load(cfg.model, cfg.dtype, weights=cfg.weights)
-    draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights) if "draft" in cfg.methods else None
+    loaded = load(cfg.model, cfg.dtype, weights=cfg.weights, lm_head=cfg.lm_head)
+    draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights, lm_head=cfg.lm_head) if "draft" in cfg.methods else None
     tok = loaded.tokenizer
     results = []
     cost = None

@@ -38,6 +38,7 @@ class StepConfig:
     steps: int = 24               # timed decode steps per batch size
     profile_steps: int = 6        # further steps under the profiler (op / kernel time)
     weights: str = "auto"
+    lm_head: str = "auto"                  # the output head's format (thrifty.models.lm_head)
     dtype: str = "auto"
     device: str | None = None
     threads: int | None = None
@@ -110,7 +111,8 @@ def _decode_engine(loaded, cfg: StepConfig, batch: int) -> LLMEngine:
     blocks = batch * (-(-total // cfg.block_size) + 2)        # room to spare: a preemption would spoil the timing
     engine = LLMEngine(loaded, EngineConfig(
         dtype=cfg.dtype, device=cfg.device, num_kv_blocks=blocks, block_size=cfg.block_size, max_num_seqs=batch,
-        max_num_batched_tokens=max(2048, cfg.context), enable_prefix_caching=False, weights=cfg.weights))
+        max_num_batched_tokens=max(2048, cfg.context), enable_prefix_caching=False, weights=cfg.weights,
+        lm_head=cfg.lm_head))
     high = token_high(min(loaded.config.vocab_size, loaded.tokenizer.vocab_size), loaded.tokenizer.stop_token_ids)
     params = SamplingParams(max_tokens=total - cfg.context, temperature=0.0, ignore_eos=True)
     for i, req in enumerate(random_requests(batch, cfg.context, 1, high, cfg.seed)):
@@ -196,7 +198,7 @@ def run_step(cfg: StepConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log(f"loading {cfg.model} (weights {cfg.weights}) ...")
-    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights)
+    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights, lm_head=cfg.lm_head)
     counts = _model_counts(loaded)
     bandwidth = measure_bandwidth(loaded.device)
     gemm_rate = measure_gemm_rate(loaded.device)
@@ -207,7 +209,7 @@ def run_step(cfg: StepConfig) -> dict:
         log(f"batch {b}: {row['step_ms']:.2f} ms a step ({row['tokens_per_s']:.1f} tok/s), floor "
             f"{row['floor_ms']:.2f} ms")
         rows.append(row)
-    model_info = {"spec": cfg.model, "name": loaded.config.name, "weights": cfg.weights,
+    model_info = {"spec": cfg.model, "name": loaded.config.name, "weights": cfg.weights, "lm_head": loaded.lm_head,
                   "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
                   "linear_bytes": counts["linear_bytes"], "macs_per_token": counts["macs_per_token"]}
     return {"benchmark": "step", "date": now_iso(), "model": model_info, "hardware": hardware_info(),
@@ -230,7 +232,7 @@ def format_report(report: dict) -> str:
     from thrifty.bench.report import markdown_table
 
     m, hw = report["model"], report["hardware"]
-    lines = [f"## decode step: {m['name']} weights={m['weights']} ({m['dtype']}, {m['device']}) on {hw['cpu']}, "
+    lines = [f"## decode step: {m['name']} weights={m['weights']} lm_head={m.get('lm_head', '-')} ({m['dtype']}, {m['device']}) on {hw['cpu']}, "
              f"{hw['torch_threads']} threads",
              f"measured: read bandwidth {report['measured']['read_bandwidth_gb_s']:.1f} GB/s, float32 GEMM "
              f"{report['measured']['fp32_gemm_gmac_s']:.1f} GMAC/s; linear weights "

@@ -41,6 +41,7 @@ class ThroughputConfig:
     max_model_len: int | None = None
     threads: int | None = None
     weights: str = "auto"                 # weight format (thrifty.models.weight_spec)
+    lm_head: str = "auto"                 # the output head's format (thrifty.models.lm_head)
     device: str | None = None             # auto / cpu / cuda
     hf_requests: int = 4                  # requests the HF peer actually times (the rest are extrapolated)
     hf_dtype: str = "bfloat16"
@@ -91,7 +92,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log(f"loading {cfg.model} ...")
-    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights)
+    loaded = load(cfg.model, cfg.dtype, cfg.device, weights=cfg.weights, lm_head=cfg.lm_head)
     high = token_high(min(loaded.config.vocab_size, loaded.tokenizer.vocab_size), loaded.tokenizer.stop_token_ids)
     longest = cfg.prompt_len + (cfg.output_len_range[1] if cfg.output_len_range else cfg.output_len)
     context = cfg.max_model_len or loaded.config.max_position_embeddings
@@ -116,7 +117,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                 results.append(r)
     model_info = {"spec": cfg.model, "name": loaded.config.name, "path": str(loaded.path), "architecture": loaded.config.architecture,
                   "layers": loaded.config.num_layers, "hidden_size": loaded.config.hidden_size,
-                  "dtype": str(loaded.dtype).removeprefix("torch."), "weights": cfg.weights,
+                  "dtype": str(loaded.dtype).removeprefix("torch."), "weights": cfg.weights, "lm_head": loaded.lm_head,
                   "device": str(loaded.device)}
     del loaded
     gc.collect()

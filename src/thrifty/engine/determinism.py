@@ -36,7 +36,7 @@ def pin_row_kernels(model: torch.nn.Module) -> None:
             module.min_rows = MIN_ROWS
 
 
-def check(dtype: torch.dtype, weights: str) -> None:
+def check(dtype: torch.dtype, weights: str, lm_head: str = "dense") -> None:
     """Raise when deterministic mode cannot hold for this model setup on this machine."""
     if dtype != torch.bfloat16:
         raise InvalidRequestError(f"deterministic mode needs bf16 compute, not {dtype}",
@@ -46,6 +46,10 @@ def check(dtype: torch.dtype, weights: str) -> None:
         raise InvalidRequestError(f"deterministic mode needs dense bf16 weights, not {weights}",
                                   "use weights auto or bf16: quantized kernels change algorithm with the row count",
                                   param="deterministic")
+    if lm_head == "int8":
+        raise InvalidRequestError(f"deterministic mode needs a dense output head, not {lm_head}",
+                                  "use lm_head auto or dense: the int8 head's kernel changes algorithm with the "
+                                  "row count", param="deterministic")
     if not native.available():
         raise InvalidRequestError(f"deterministic mode needs thrifty's native kernels ({native.unavailable_reason()})",
                                   "install a C++ compiler (g++) or leave deterministic off", param="deterministic")

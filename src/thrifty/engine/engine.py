@@ -21,6 +21,7 @@ from thrifty.engine.prefill_rate import PrefillRate
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
 from thrifty.models.loader import LoadedModel, load
+from thrifty.models.lm_head import check_lm_head
 from thrifty.models.weight_spec import parse_weights
 from thrifty.ops.kv_quant import is_quantized as quantized
 
@@ -44,12 +45,16 @@ class EngineConfig:
     deterministic: bool = False             # same tokens at any batch size and composition (engine/determinism.py)
     num_threads: int | None = None          # torch CPU threads (default: torch's choice, all cores)
     weights: str = "auto"                   # weight format: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a DIR
+    lm_head: str = "auto"                   # output head (+ tied embeddings): auto, dense, int8 (auto: with
+                                            # quantized weights an untied head in their format, a tied one int8
+                                            # on a CPU; thrifty.models.lm_head)
     speculative: SpeculativeConfig | dict | str | None = None   # speculative decoding; None: off
     free_window_blocks: bool = True         # sliding-window layers free blocks that left their window (False:
                                             # they keep every block, the unbounded reference; engine/kv_groups.py)
 
     def __post_init__(self) -> None:
         check_kv_cache_dtype(self.kv_cache_dtype)
+        object.__setattr__(self, "lm_head", check_lm_head(self.lm_head))
         object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -127,7 +132,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         if config.deterministic:
-            determinism.check(loaded.dtype, loaded.weights)
+            determinism.check(loaded.dtype, loaded.weights, loaded.lm_head)
             determinism.pin_row_kernels(loaded.model)
         self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
                                   rows_as_decodes=config.deterministic)
@@ -143,7 +148,7 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str, **options) -> LLMEngine:
         config = EngineConfig(**options)
-        return cls(load(model, config.dtype, config.device, weights=config.weights), config)
+        return cls(load(model, config.dtype, config.device, weights=config.weights, lm_head=config.lm_head), config)
 
     # ---- requests ----------------------------------------------------------------------------------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> ValidRequest:
@@ -373,7 +378,7 @@ def load_draft(config: EngineConfig, target: LoadedModel) -> LoadedModel:
     """The draft model in its own weight format (default: the target's, auto when that is a folder)."""
     spec = config.speculative
     weights = spec.draft_weights or (config.weights if parse_weights(config.weights).kind != "dir" else "auto")
-    return load(spec.draft_model, target.dtype, target.device, weights=weights)
+    return load(spec.draft_model, target.dtype, target.device, weights=weights, lm_head=config.lm_head)
 
 
 def _draft_proposer(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,

@@ -27,6 +27,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     weights: str = "auto"       # the weight format the linear layers run in (thrifty.models.weight_spec)
+    lm_head: str = "dense"      # the output head's format, resolved: dense, int8 or weights (thrifty.models.lm_head)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -71,33 +72,45 @@ def read_checkpoint(path: Path, native: bool = False
 
 
 def build_model(config: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device, spec: "WeightSpec | None" = None) -> CausalLM:  # noqa: F821
+                device: torch.device, spec: "WeightSpec | None" = None,  # noqa: F821
+                lm_head: str = "dense") -> CausalLM:
+    """`lm_head` (resolved): weights, an untied head quantized with the linear layers; dense or int8, the head
+    loads dense (a quantized checkpoint's head dequantized) and, for int8, is quantized once the weights are in."""
     if spec is not None and spec.quantized:
         from thrifty.models.quantized import build_quantized
 
-        return build_quantized(model_class(config), config, weights, dtype, device, spec)
-    # Build on the meta device so no throw-away float32 copy of every weight is allocated.
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.load_weights(weights)
+        model = build_quantized(model_class(config), config, weights, dtype, device, spec,
+                                head_apart=lm_head != "weights")
+    else:
+        # Build on the meta device so no throw-away float32 copy of every weight is allocated.
+        with torch.device("meta"):
+            model = model_class(config)(config)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.load_weights(weights)
+    if lm_head == "int8":
+        from thrifty.models.quantized_head import quantize_head
+
+        quantize_head(model, dtype, device)
     return model.eval()
 
 
 def load(spec: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-         weights: str = "auto") -> LoadedModel:
+         weights: str = "auto", lm_head: str = "auto") -> LoadedModel:
     """`weights`: auto, bf16, fp32, int8, int4[-gG], fp8, gguf, or a folder from `thrifty quantize`
-    (thrifty.models.weight_spec)."""
+    (thrifty.models.weight_spec). `lm_head`: auto, dense or int8 (thrifty.models.lm_head)."""
     from thrifty.models import zoo
+    from thrifty.models.lm_head import check_lm_head, resolve_lm_head
     from thrifty.models.weight_spec import resolve_weights
 
+    check_lm_head(lm_head)
     path = zoo.resolve(str(spec))
     dev = resolve_device(device)
     path, wspec, dtype = resolve_weights(path, weights, dtype)
     torch_dtype = resolve_dtype(dtype, dev)
     config, tensors, tokenizer = read_checkpoint(path, native=wspec.kind == "gguf")
-    model = build_model(config, tensors, torch_dtype, dev, wspec)
-    return LoadedModel(model, config, tokenizer, path, torch_dtype, dev, wspec.name)
+    head = resolve_lm_head(lm_head, wspec.quantized, config.tie_word_embeddings, dev)
+    model = build_model(config, tensors, torch_dtype, dev, wspec, head)
+    return LoadedModel(model, config, tokenizer, path, torch_dtype, dev, wspec.name, head)
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -38,8 +38,12 @@ def quantizable_layers(model: nn.Module) -> dict[str, Linear]:
             if isinstance(m, Linear) and not (tied and name == "lm_head")}
 
 
-def prepare(model: nn.Module) -> dict[str, Linear]:
+def prepare(model: nn.Module, head_apart: bool = False) -> dict[str, Linear]:
+    """The layers that load quantized; `head_apart`: the output head loads dense (models/lm_head.py quantizes it
+    after loading)."""
     layers = quantizable_layers(model)
+    if head_apart:
+        layers.pop("lm_head", None)
     for layer in layers.values():
         layer.expect_quantized()
     return layers
@@ -66,10 +70,11 @@ def finalize(layers: dict[str, Linear], dtype: torch.dtype, device: torch.device
         layer.finalize(lambda parts: pack(harmonize(parts), dtype, device))
 
 
-def build_quantized(model_cls, config, weights, dtype: torch.dtype, device: torch.device, spec: WeightSpec):
+def build_quantized(model_cls, config, weights, dtype: torch.dtype, device: torch.device, spec: WeightSpec,
+                    head_apart: bool = False):
     with torch.device("meta"):
         model = model_cls(config)
-    layers = prepare(model)
+    layers = prepare(model, head_apart)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(route(weights, layers, quantizer_for(spec)))
     finalize(layers, dtype, device)
@@ -79,7 +84,8 @@ def build_quantized(model_cls, config, weights, dtype: torch.dtype, device: torc
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the linear layers' weights (incl. the output head), of the embeddings, and of everything."""
     linear = sum(m.weight_bytes for m in model.modules() if isinstance(m, Linear))
-    embed = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Embedding))
+    embed = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Embedding))  # a QuantEmbedding
+    # shares the head's table: its bytes count once, with the linear layers
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:

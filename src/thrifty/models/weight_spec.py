@@ -8,8 +8,9 @@
     gguf        a .gguf model's own quantized blocks, repacked without requantizing where a kernel holds them
     DIR         a folder written by `thrifty quantize` (its config says the format)
 
-Embeddings stay dense in the compute dtype. The output head is quantized with the layers unless it is tied to
-the embeddings.
+The output head (and the embedding table where it is tied) is the `lm_head=` option's (thrifty.models.lm_head):
+auto quantizes an untied head with the layers and puts a tied one in int8 when these weights are quantized, on a
+CPU; otherwise it stays dense in the compute dtype.
 """
 from __future__ import annotations
 

@@ -100,6 +100,10 @@ class Int8Weight(QuantWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize(dtype)[ids] without dequantizing the other rows (an embedding lookup in a tied table)."""
+        return (self.q[ids].float() * self.scale[ids].float()[:, None]).to(dtype)
+
 
 # ---- int4, group-wise (tinygemm layout) ---------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
@@ -295,6 +299,16 @@ class NativeWeight(QuantWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = native.qdequant(self.packed, self.scales, self.mins, self.bits, self.group_size)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize(dtype)[ids] without dequantizing the other rows (an embedding lookup in a tied table):
+        8-bit symmetric values only, the tied head's format."""
+        if self.bits != 8 or self.mins is not None:
+            raise ValueError(f"gather_rows takes 8-bit symmetric weights, not {self.label}")
+        n, g = ids.numel(), self.group_size
+        q = self.packed[ids].float().view(n, self.in_features // g, g)
+        w = (q * self.scales[ids].float()[:, :, None]).view(n, self.in_features)
         return w if dtype == torch.float32 else w.to(dtype)
 
     def reference_dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -94,12 +94,16 @@ def check_format(bits: int, group_size: int | None, in_features: int | None = No
 
 
 # ---- round to nearest ----------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> QTensor:
-    """Symmetric int8, one scale per output row (what `_weight_int8pack_mm` takes)."""
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QTensor:
+    """Symmetric int8, one scale per output row (what `_weight_int8pack_mm` takes), or per group of
+    `group_size` values (llama.cpp's Q8_0 is groups of 32)."""
     w = w.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-    return QTensor(q, scale, None, 8, w.shape[1])
+    n, k = w.shape
+    g = group_size or k
+    wg = w.view(n, k // g, g)
+    scale = (wg.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    q = torch.round(wg / scale[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return QTensor(q.view(n, k), scale, None, 8, g)
 
 
 def int4_range(w: torch.Tensor, group_size: int, lo: torch.Tensor | None = None,
