@@ -244,3 +244,38 @@ def test_bench_kv_writes_the_tables_and_json(tmp_path, capsys):
     assert {(d["engine"], d["context"]) for d in report["decode"]} == \
         {(f"thrifty {k}", c) for k in rows for c in (40, 100)}
     assert all(d["decode_tok_s"] > 0 for d in report["decode"])
+
+
+# ---- the integer dot for K over an int8 cache (csrc/int8_dot.h; off by default) -------------------------------
+@needs_native
+@pytest.mark.parametrize("window", [None, 50])
+def test_int8_dot_paths_agree_and_stay_near_the_reference(window):
+    c, _, q, tables, lens, _ = decode_case(torch.int8, window)    # lengths 1, 37, 150, 192: odd, several blocks
+    args = (q, c.k, c.v, tables, lens, 0.125, window, c.k_scale, c.v_scale, c.k_channel)
+    portable = native.decode_attention(*args, int8_dot="portable")
+    if native.has_vnni():   # the same integer dots and float ops in the same order: bit for bit
+        assert torch.equal(native.decode_attention(*args, int8_dot="vnni"), portable)
+    # only the query's int8 rounding differs from float attention over the same codes; the 20x outlier channel
+    # folded into q leaves the other channels few levels: measured max 0.19 (None) / 0.086 (window 50)
+    err = float((portable - attend(c, q, tables, lens, window)).abs().max())
+    assert err < 0.3, err
+    assert torch.equal(native.decode_attention(*args), native.decode_attention(*args, int8_dot="float"))
+
+
+@needs_native
+@pytest.mark.parametrize("heads", [2, 14, 32])   # 1, 7 and 16 query heads per KV head
+def test_int8_dot_over_gqa_ratios(heads):
+    torch.manual_seed(heads)
+    c = cache(torch.int8)
+    lens = torch.tensor([5, 16, 99, 181])
+    tables = torch.stack([torch.randperm(12) for _ in lens])
+    for i, n in enumerate(lens.tolist()):
+        slots = (tables[i, :, None] * 16 + torch.arange(16)).flatten()[:n]
+        c.write(torch.randn(n, 2, 64) * 2, torch.randn(n, 2, 64), slots)
+    q = torch.randn(len(lens), heads, 64)
+    args = (q, c.k, c.v, tables, lens, 0.125, None, c.k_scale, c.v_scale, c.k_channel)
+    portable = native.decode_attention(*args, int8_dot="portable")
+    if native.has_vnni():
+        assert torch.equal(native.decode_attention(*args, int8_dot="vnni"), portable)
+    err = float((portable - attend(c, q, tables, lens, None)).abs().max())
+    assert err < 0.3, err

@@ -12,6 +12,7 @@
 // (ops/kv_quant.py): a row's codes widen to float32 in registers and its scale multiplies the row's score (K)
 // or its probability (V), so a quantized context is never dequantized into memory.
 #include "vec.h"
+#include "int8_dot.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +26,14 @@
 #include <vector>
 
 namespace thrifty {
+namespace int8dot {
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+}  // namespace int8dot
+
 namespace {
 
 constexpr int kMaxGroup = 16;   // query heads per KV head
@@ -65,35 +74,8 @@ inline float row_scale(const at::BFloat16* scales, int64_t slot) {
   return scales == nullptr ? 1.0f : to_float(scales[slot]) * code_factor<KV>();
 }
 
-template <typename Q, typename KV>
-void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::BFloat16* ks,
-              const at::BFloat16* vs, const float* kch, const int64_t* table, int64_t bs, int64_t start, int64_t ctx,
-              float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores) {
-  alignas(32) float qf[kMaxGroup][kMaxDim];
-  for (int64_t h = 0; h < g; ++h)
-    for (int64_t j = 0; j < d; j += 8) {
-      __m256 x = _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale));
-      if (kch != nullptr) x = _mm256_mul_ps(x, _mm256_loadu_ps(kch + j));   // q . k = (q * c) . (k / c)
-      store8(qf[h] + j, x);
-    }
-  const int64_t n = ctx - start;
-  scores.resize(static_cast<size_t>(g * n));
-  float* sc = scores.data();
-  // 1. scores[h][i] = q_h . k_i
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = start + i;
-    const int64_t slot = table[pos / bs] * bs + pos % bs;
-    const KV* k = kc + slot * d;
-    __m256 acc[kMaxGroup];
-    for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < d; j += 8) {
-      const __m256 kv = load_row8(k + j);
-      for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_fmadd_ps(_mm256_load_ps(qf[h] + j), kv, acc[h]);
-    }
-    const float kscale = row_scale<KV>(ks, slot);
-    for (int64_t h = 0; h < g; ++h) sc[h * n + i] = hsum(acc[h]) * kscale;
-  }
-  // 2. softmax per head
+// Each of the g rows of n scores becomes its softmax, in place.
+inline void softmax_rows(float* sc, int64_t g, int64_t n) {
   for (int64_t h = 0; h < g; ++h) {
     float* s = sc + h * n;
     __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -118,6 +100,44 @@ void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, cons
     const float inv = 1.0f / sum;
     for (i = 0; i < n; ++i) s[i] *= inv;
   }
+}
+
+// q_h * scale (times K's channel divisor: q . k = (q * c) . (k / c)) as float32 rows.
+template <typename Q>
+inline void prepare_query(const Q* q, int64_t g, int64_t d, const float* kch, float scale, float (*qf)[kMaxDim]) {
+  for (int64_t h = 0; h < g; ++h)
+    for (int64_t j = 0; j < d; j += 8) {
+      __m256 x = _mm256_mul_ps(load8(q + h * d + j), _mm256_set1_ps(scale));
+      if (kch != nullptr) x = _mm256_mul_ps(x, _mm256_loadu_ps(kch + j));
+      store8(qf[h] + j, x);
+    }
+}
+
+template <typename Q, typename KV>
+void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, const at::BFloat16* ks,
+              const at::BFloat16* vs, const float* kch, const int64_t* table, int64_t bs, int64_t start, int64_t ctx,
+              float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores) {
+  alignas(32) float qf[kMaxGroup][kMaxDim];
+  prepare_query(q, g, d, kch, scale, qf);
+  const int64_t n = ctx - start;
+  scores.resize(static_cast<size_t>(g * n));
+  float* sc = scores.data();
+  // 1. scores[h][i] = q_h . k_i
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pos = start + i;
+    const int64_t slot = table[pos / bs] * bs + pos % bs;
+    const KV* k = kc + slot * d;
+    __m256 acc[kMaxGroup];
+    for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) {
+      const __m256 kv = load_row8(k + j);
+      for (int64_t h = 0; h < g; ++h) acc[h] = _mm256_fmadd_ps(_mm256_load_ps(qf[h] + j), kv, acc[h]);
+    }
+    const float kscale = row_scale<KV>(ks, slot);
+    for (int64_t h = 0; h < g; ++h) sc[h * n + i] = hsum(acc[h]) * kscale;
+  }
+  // 2. softmax per head
+  softmax_rows(sc, g, n);
   // 3. out_h = sum_i p[h][i] v_i
   alignas(32) float of[kMaxGroup][kMaxDim];
   for (int64_t h = 0; h < g; ++h)
@@ -134,6 +154,38 @@ void one_head(const Q* q, int64_t g, int64_t d, const KV* kc, const KV* vc, cons
                         _mm256_fmadd_ps(_mm256_set1_ps(sc[h * n + i] * vscale), vv, _mm256_load_ps(of[h] + j)));
     }
   }
+  for (int64_t h = 0; h < g; ++h)
+    for (int64_t j = 0; j < d; j += 8) store8(out + h * out_head_stride + j, _mm256_load_ps(of[h] + j));
+}
+
+// one_head for an int8 cache through the integer dot of K (int8_dot.h); vnni picks the AVX512-VNNI kernels,
+// else the portable ones: the same output bit for bit.
+template <typename Q>
+void one_head_int8(const Q* q, int64_t g, int64_t d, const int8_t* kc, const int8_t* vc, const at::BFloat16* ks,
+                   const at::BFloat16* vs, const float* kch, const int64_t* table, int64_t bs, int64_t start,
+                   int64_t ctx, float scale, Q* out, int64_t out_head_stride, std::vector<float>& scores, bool vnni) {
+  alignas(64) float qf[kMaxGroup][kMaxDim];
+  prepare_query(q, g, d, kch, scale, qf);
+  alignas(64) int8dot::QueryCodes qc;
+  int8dot::quantize_query(qf, g, d, qc);
+  const int64_t n = ctx - start;
+  scores.resize(static_cast<size_t>(g * n));
+  float* sc = scores.data();
+  const auto seq = std::make_integer_sequence<int, kMaxGroup>();
+  if (vnni)
+    int8dot::scores_vnni_for(g, seq)(kc, ks, table, bs, start, n, d, qc, sc);
+  else
+    int8dot::scores_portable(kc, ks, table, bs, start, n, d, g, qc, sc);
+  softmax_rows(sc, g, n);
+  for (int64_t i = 0; i < n; ++i) {   // V's row scale folded into the weights once per token
+    const float vscale = to_float(vs[int8dot::slot_of(table, bs, start + i)]);
+    for (int64_t h = 0; h < g; ++h) sc[h * n + i] *= vscale;
+  }
+  alignas(64) float of[kMaxGroup][kMaxDim];
+  if (vnni)
+    int8dot::weighted_v_vnni_for(g, seq)(vc, table, bs, start, n, d, sc, of);
+  else
+    int8dot::weighted_v_portable(vc, table, bs, start, n, d, g, sc, of);
   for (int64_t h = 0; h < g; ++h)
     for (int64_t j = 0; j < d; j += 8) store8(out + h * out_head_stride + j, _mm256_load_ps(of[h] + j));
 }
@@ -182,10 +234,29 @@ const float* channel_of(const at::Tensor& cache, const std::optional<at::Tensor>
   return channel->data_ptr<float>();
 }
 
+// Which kernel reads an int8 cache. int8_dot: -1 auto (the integer dot, VNNI where the CPU has it), 0 the float
+// kernel, 1 the portable integer dot, 2 the VNNI integer dot (refused on a CPU without it).
+enum class Int8Path { kFloat, kPortable, kVnni };
+
+Int8Path int8_path(at::ScalarType kv, int64_t d, int64_t int8_dot) {
+  TORCH_CHECK(int8_dot >= -1 && int8_dot <= 2, "thrifty decode_attention: int8_dot is -1, 0, 1 or 2");
+  if (kv != at::kChar || int8_dot == 0) return Int8Path::kFloat;
+  if (int8_dot == 1) {
+    TORCH_CHECK(d % 16 == 0, "thrifty decode_attention: the integer dot needs a head dim multiple of 16");
+    return Int8Path::kPortable;
+  }
+  const bool vnni_ok = int8dot::has_vnni() && d % 64 == 0;
+  TORCH_CHECK(int8_dot != 2 || vnni_ok, "thrifty decode_attention: the VNNI integer dot needs AVX512-VNNI and a "
+                                        "head dim multiple of 64");
+  if (vnni_ok) return Int8Path::kVnni;
+  return d % 16 == 0 ? Int8Path::kPortable : Int8Path::kFloat;
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                             int64_t window, const std::optional<at::Tensor>& k_scale,
-                            const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel) {
+                            const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& k_channel,
+                            int64_t int8_dot) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "thrifty decode_attention: q must be contiguous [B, H, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
@@ -211,6 +282,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   at::Tensor out = at::empty_like(q);
   const int64_t g = h / hkv;
+  const Int8Path path = int8_path(k_cache.scalar_type(), d, int8_dot);
   THRIFTY_DISPATCH(q.scalar_type(), "decode_attention_q", [&] {
     using Q = scalar_t;
     THRIFTY_KV_DISPATCH(k_cache.scalar_type(), "decode_attention_kv", [&] {
@@ -225,6 +297,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           const int64_t s = task / hkv, kh = task % hkv, ctx = lens[s];
           const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
           const int64_t head_rows = kh * nblocks * bs;
+          if constexpr (std::is_same_v<KV, int8_t>) {
+            if (path != Int8Path::kFloat) {
+              one_head_int8<Q>(qp + (s * h + kh * g) * d, g, d, reinterpret_cast<const int8_t*>(kc) + head_rows * d,
+                               reinterpret_cast<const int8_t*>(vc) + head_rows * d,
+                               ks + head_rows, vs + head_rows, kch ? kch + kh * d : nullptr, tables + s * nb, bs,
+                               start, ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d, scores,
+                               path == Int8Path::kVnni);
+              continue;
+            }
+          }
           one_head<Q, KV>(qp + (s * h + kh * g) * d, g, d, kc + head_rows * d, vc + head_rows * d,
                           ks ? ks + head_rows : nullptr, vs ? vs + head_rows : nullptr, kch ? kch + kh * d : nullptr,
                           tables + s * nb, bs, start, ctx, static_cast<float>(scale), op + (s * h + kh * g) * d, d,
@@ -332,7 +414,8 @@ void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, cons
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-          "float scale, int window, Tensor? k_scale=None, Tensor? v_scale=None, Tensor? k_channel=None) -> Tensor");
+          "float scale, int window, Tensor? k_scale=None, Tensor? v_scale=None, Tensor? k_channel=None, "
+          "int int8_dot=-1) -> Tensor");
   lib.def("kv_write_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots, "
           "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, Tensor? k_channel=None, Tensor? k_shift=None) -> ()");
 }
