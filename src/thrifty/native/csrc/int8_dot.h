@@ -15,7 +15,8 @@
 // The portable path (AVX2, every CPU the kernels build on) computes the same integer dots and the same float
 // operations in the same order, so both paths return bitwise the same output: CI without VNNI gets the
 // numbers this machine gets. Error against attention in float over the dequantized cache: only the query's
-// quantization, |score error| <= 0.5 * qscale[h] * kscale[t] * sum_c |kcode[t][c]| (tests check it).
+// quantization, |score error| <= 0.5 * qscale[h] * kscale[t] * sum_c |kcode[t][c]|
+// (tests compare the output with float attention over the same codes, and the two paths bit for bit).
 #pragma once
 
 #include "vec.h"
