@@ -39,3 +39,82 @@ def test_spec_equality_counts_identical_outputs(long_context_tiny):
     report = run_equality(long_context_tiny, "draft", prompts=3, max_tokens=5, draft=long_context_tiny, batch=2)
     assert report["identical"] == 3 and report["differ"] == []
     assert "3 of 3" in format_report(report)
+
+
+# ---- the llama-server peer (spec_peer.py), against a stand-in server that checks what it was started with ------
+FAKE_LLAMA_SERVER = r'''#!{python}
+"""Answers like llama-server: /v1/models, and /completion with n_predict tokens (prompt's last id + 1, + 2, ...);
+with --spec-type it reports draft counters. Refuses unknown speculation flags, as the real one does."""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+argv = sys.argv[1:]
+port = int(argv[argv.index("--port") + 1])
+spec = argv[argv.index("--spec-type") + 1] if "--spec-type" in argv else None
+assert spec in (None, "ngram-simple", "draft-simple"), spec
+if spec == "draft-simple":
+    assert argv[argv.index("--model-draft") + 1].endswith(".gguf") and "--spec-draft-n-max" in argv
+with open(argv[argv.index("--model") + 1] + ".argv", "a") as f:
+    f.write(json.dumps(argv) + "\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"data": [{"id": "m"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["ignore_eos"] and body["temperature"] == 0
+        n = body["n_predict"]
+        tokens = [body["prompt"][-1] + i + 1 for i in range(n)]
+        timings = {"draft_n": 2 * n, "draft_n_accepted": n} if spec else {}
+        self._send({"tokens": tokens, "tokens_predicted": n, "timings": timings})
+
+
+HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+def test_bench_spec_beside_llama_server(long_context_tiny, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    binary = tmp_path / "llama-server"
+    binary.write_text(FAKE_LLAMA_SERVER.replace("{python}", sys.executable))
+    binary.chmod(0o755)
+    monkeypatch.setenv("THRIFTY_LLAMA_SERVER", str(binary))
+    cfg = SpecBenchConfig(model=long_context_tiny, draft=long_context_tiny, workloads=["code-edit"], batch=[1, 2],
+                          requests=2, output_len=5, num_tokens=3, dtype="float32", kv_cache_memory=0.02,
+                          progress=False, llamacpp=True)
+    report = run_spec(cfg)
+    peer = report["llamacpp"]
+    assert [(r["method"], r["batch"]) for r in peer] == [(m, b) for b in (1, 2) for m in ("off", "ngram", "draft")]
+    assert all(r["output_tokens"] == 10 and r["identical"] for r in peer)
+    assert [r["acceptance_rate"] for r in peer if r["batch"] == 1] == [None, 0.5, 0.5]
+    assert len(report["vs_llamacpp"]) == 6 and all(v["ratio"] > 0 for v in report["vs_llamacpp"])
+    started = [json.loads(line) for line in open(long_context_tiny + ".argv")]
+    assert len(started) == 3    # one server per method, its slots the largest batch
+    assert all(a[a.index("--parallel") + 1] == "2" for a in started)
+    assert started[2][started[2].index("--spec-draft-n-max") + 1] == "3"
+    assert "beside llama.cpp" in format_report(report)
+
+
+def test_llama_server_peer_needs_gguf_files(tmp_path):
+    from thrifty.bench.spec_peer import run_method
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")   # a Hugging Face folder: thrifty runs it, llama-server cannot
+    with pytest.raises(ThriftyError, match="GGUF"):
+        run_method(str(folder), None, "off", [("chat", 1, [[1, 2]])], 3, 4, 1)

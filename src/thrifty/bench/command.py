@@ -106,6 +106,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--draft-weights", default=None, help="the draft's weight format (default: --weights)")
     sp.add_argument("--methods", type=_name_list, default=None,
                     help="e.g. off,draft (default: off, ngram, and draft when --draft is given)")
+    sp.add_argument("--llamacpp", action="store_true",
+                    help="also run llama.cpp's llama-server with its own speculation (same GGUFs, prompts, methods)")
 
     x = bsub.add_parser("prefix", help="TTFT and prompt tokens computed with and without prefix caching")
     _common(x)
@@ -196,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
             ngram_max=args.ngram_max, disable_by_batch_size=args.disable_by_batch_size, weights=args.weights,
             lm_head=args.lm_head,
             dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=args.threads, progress=args.progress,
-            draft=args.draft, draft_weights=args.draft_weights, methods=args.methods)
+            draft=args.draft, draft_weights=args.draft_weights, methods=args.methods, llamacpp=args.llamacpp)
         report = run_spec(cfg)
         print(format_report(report))
         plot = None

@@ -56,6 +56,7 @@ class SpecBenchConfig:
     draft: str | None = None             # method draft's model (same tokenizer as the target)
     draft_weights: str | None = None     # its weight format (None: the target's)
     methods: list[str] | None = None     # default: off, ngram, and draft when a draft is given
+    llamacpp: bool = False               # llama-server's own speculation on the same GGUFs, same cells
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.workloads) - set(WORKLOADS))
@@ -165,27 +166,55 @@ def run_spec(cfg: SpecBenchConfig) -> dict:
     loaded = load(cfg.model, cfg.dtype, weights=cfg.weights, lm_head=cfg.lm_head)
     draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights, lm_head=cfg.lm_head) if "draft" in cfg.methods else None
     tok = loaded.tokenizer
+    cells = []
+    for workload in cfg.workloads:
+        for batch in cfg.batch:
+            messages = workload_messages(workload, cfg.requests or max(batch, 2))
+            cells.append((workload, batch, [tok.encode(tok.apply_chat_template([{"role": "user", "content": m}],
+                                                                               add_generation_prompt=True),
+                                                       add_special_tokens=False) for m in messages]))
+    cost = draft_cost(loaded, draft, cells[0][2][0], cfg.num_tokens) if draft is not None else None
     results = []
-    cost = None
-    cells = [(w, b) for w in cfg.workloads for b in cfg.batch]
-    for workload, batch in tqdm(cells, desc="spec", disable=not cfg.progress):
-        n = cfg.requests or max(batch, 2)
-        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True),
-                              add_special_tokens=False) for m in workload_messages(workload, n)]
-        if draft is not None and cost is None:
-            cost = draft_cost(loaded, draft, prompts[0], cfg.num_tokens)
+    for workload, batch, prompts in tqdm(cells, desc="spec", disable=not cfg.progress):
         rows = [_cell(loaded, cfg, method, batch, prompts, draft) for method in cfg.methods]
-        plain = rows[0].pop("_outputs")
-        for row in rows:
-            row.update(workload=workload, identical=row.pop("_outputs", plain) == plain,
-                       speedup=row["output_tokens_per_s"] / rows[0]["output_tokens_per_s"],
-                       decode_speedup=row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"])
+        for row in _against_plain(rows):
+            row["workload"] = workload
             if row["method"] == "draft" and row.get("num_drafts"):
                 k = row["num_draft_tokens"] / row["num_drafts"]
                 row["bound"] = row["mean_accepted_length"] / (k * cost["cost_ratio"] + cost["verify_ratio"])
             results.append(row)
+    peer = _llamacpp_rows(cfg, cells) if cfg.llamacpp else []
     return {"benchmark": "spec", "date": now_iso(), "model": cfg.model, "draft": cfg.draft,
-            "hardware": hardware_info(), "config": asdict(cfg), "draft_cost": cost, "results": results}
+            "hardware": hardware_info(), "config": asdict(cfg), "draft_cost": cost, "results": results,
+            "llamacpp": peer, "vs_llamacpp": _versus(results, peer)}
+
+
+def _against_plain(rows: list[dict]) -> list[dict]:
+    """Each method's row of one cell against the cell's first (plain) row: speedups, identical outputs."""
+    plain = rows[0].pop("_outputs")
+    for row in rows:
+        row.update(identical=row.pop("_outputs", plain) == plain,
+                   speedup=row["output_tokens_per_s"] / rows[0]["output_tokens_per_s"])
+        if "decode_tokens_per_s" in row:
+            row["decode_speedup"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    return rows
+
+
+def _llamacpp_rows(cfg: SpecBenchConfig, cells: list) -> list[dict]:
+    from thrifty.bench.spec_peer import run_method
+
+    by_method = [run_method(cfg.model, cfg.draft, m, cells, cfg.num_tokens, cfg.output_len, cfg.threads)
+                 for m in tqdm(cfg.methods, desc="llama-server", disable=not cfg.progress)]
+    return [row for cell_rows in zip(*by_method) for row in _against_plain(list(cell_rows))]
+
+
+def _versus(ours: list[dict], peer: list[dict]) -> list[dict]:
+    """thrifty's output tok/s over llama-server's, per workload, batch and method."""
+    theirs = {(r["workload"], r["batch"], r["method"]): r["output_tokens_per_s"] for r in peer}
+    return [{"workload": r["workload"], "batch": r["batch"], "method": r["method"],
+             "thrifty_tok_s": r["output_tokens_per_s"], "llamacpp_tok_s": theirs[key],
+             "ratio": r["output_tokens_per_s"] / theirs[key]}
+            for r in ours if (key := (r["workload"], r["batch"], r["method"])) in theirs]
 
 
 def format_report(report: dict) -> str:
@@ -204,4 +233,16 @@ def format_report(report: dict) -> str:
         text += (f"\n\ndraft/target cost ratio c = {cost['cost_ratio']:.2f} (one-token forwards: draft "
                  f"{cost['draft_forward_s'] * 1e3:.1f} ms, target {cost['target_forward_s'] * 1e3:.1f} ms); "
                  f"verification v = {cost['verify_ratio']:.2f} target forwards; bound = L / (k c + v)")
+    if report.get("llamacpp"):
+        peer = {(r["workload"], r["batch"], r["method"]): r for r in report["llamacpp"]}
+        header = ["workload", "batch", "method", "thrifty tok/s", "llama-server tok/s", "x llama-server",
+                  "llama-server x its plain", "llama-server acceptance", "llama-server identical to its plain"]
+        rows = []
+        for v in report["vs_llamacpp"]:
+            p = peer[(v["workload"], v["batch"], v["method"])]
+            rate = p.get("acceptance_rate")
+            rows.append([v["workload"], v["batch"], v["method"], fmt(v["thrifty_tok_s"]), fmt(v["llamacpp_tok_s"]),
+                         f"{v['ratio']:.2f}", f"{p['speedup']:.2f}", "" if rate is None else f"{rate:.2f}",
+                         "yes" if p["identical"] else "NO"])
+        text += "\n\n### beside llama.cpp's llama-server (same GGUFs, same prompts)\n\n" + markdown_table(header, rows)
     return text
