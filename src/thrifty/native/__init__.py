@@ -110,10 +110,26 @@ def runs_kv(cache: torch.Tensor) -> bool:
 
 
 # ---- few-token matmul ------------------------------------------------------------------------------------
+# qgemv's inner loop: AVX512-VNNI vpdpbusd where the CPU has it (auto), or one of the two forced; both multiply
+# the same int8 x exactly and differ only in the float summation order of the chunk products.
+QGEMV_PATHS = {"auto": -1, "avx2": 1, "vnni": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def qgemv_path() -> int:
+    """THRIFTY_QGEMV=auto|avx2|vnni (default auto) as the kernel's path argument; read once per process."""
+    name = os.environ.get("THRIFTY_QGEMV", "auto")
+    if name not in QGEMV_PATHS:
+        raise ValueError(f"THRIFTY_QGEMV={name!r}: use one of {', '.join(QGEMV_PATHS)}")
+    return QGEMV_PATHS[name]
+
+
 def qgemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-          bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """x [M, K] float32 / bf16 -> x W^T + bias [M, N] in x's dtype."""
-    return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group)
+          bias: torch.Tensor | None, bits: int, group: int, path: str | None = None) -> torch.Tensor:
+    """x [M, K] float32 / bf16 -> x W^T + bias [M, N] in x's dtype; path: a key of QGEMV_PATHS (None:
+    THRIFTY_QGEMV)."""
+    mode = qgemv_path() if path is None else QGEMV_PATHS[path]
+    return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group, mode)
 
 
 def qdequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
