@@ -245,8 +245,6 @@ void rows(const Problem& p, int64_t lo, int64_t hi) {
 #define THRIFTY_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
 
-// x for the VNNI tiles, step-major (a step = 64 values) so that a tile's tokens sit at constant offsets from one
-// pointer: the 8-token tiles otherwise run out of general registers for their 24 row pointers and spill.
 // 64-byte aligned storage: a zmm load that straddles two cache lines costs two (malloc aligns to 16).
 template <typename T>
 struct Aligned64 {
@@ -262,36 +260,45 @@ struct Aligned64 {
   bool operator!=(const Aligned64<U>&) const { return false; }
 };
 
+// x for the VNNI tiles. A block is 256 values, 8 chunks; its 4 vectors j = 0..3 hold, in qword c, bytes 8j..8j+7 of
+// chunk c. vpdpbusd into one int32 accumulator over the 4 vectors then leaves chunk c's sum in lanes 2c, 2c+1, so
+// a block costs 4 dpbusd, one cvt, one multiply (weight scales x x scales, both spread to 16 lanes) and one fma a
+// (row, token), against 4 x (maddubs, madd, cvt, broadcast, fma) x 2 on AVX2. K's last block may be partial: x is
+// zero there and the weights are read with masks. Step-major, so a tile's tokens sit at constant offsets.
 struct VnniX {
-  int64_t mpad;              // M rounded up to 8 (padding tokens are zero)
-  std::vector<int8_t, Aligned64<int8_t>> q;      // [K/64, mpad, 64]: x's int8 values, dwords interleaved
-  std::vector<int32_t, Aligned64<int32_t>> corr; // [K/64, mpad, 16]: -128 * each dword's sum (int8 weights only)
-  std::vector<float, Aligned64<float>> d;  // [K/64, mpad, 2]: the scales of the step's two chunks
-  std::vector<float> gsum_t; // [K/group, mpad]: QuantizedX::gsum transposed, so 8 tokens' sums are one load
+  int64_t mpad;                                   // M rounded up to 8 (padding tokens are zero)
+  std::vector<int8_t, Aligned64<int8_t>> q;       // [blocks, mpad, 4, 64]
+  std::vector<int32_t, Aligned64<int32_t>> corr;  // [blocks, mpad, 16]: -128 * the lane sums of q (int8 weights)
+  std::vector<float, Aligned64<float>> d;         // [blocks, mpad, 16]: chunk c's x scale in lanes 2c, 2c + 1
+  std::vector<float> gsum_t;                      // [K/group, mpad] (+16): QuantizedX::gsum transposed
 };
+
+constexpr int64_t kBlock = 256;
 
 THRIFTY_VNNI VnniX interleave_x(const QuantizedX& qx, int64_t m, int64_t k, int64_t group, bool corr) {
   VnniX out;
-  const int64_t ng = k / group, nc = k / kChunk, steps = k / 64;
+  const int64_t ng = k / group, nc = k / kChunk, nb = (k + kBlock - 1) / kBlock;
   const int64_t mp = out.mpad = (m + 7) & ~int64_t{7};
-  out.q.assign(steps * mp * 64, 0);
-  out.d.assign(steps * mp * 2, 0.f);
-  out.gsum_t.assign(ng * mp, 0.f);
-  if (corr) out.corr.assign(steps * mp * 16, 0);
-  const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  out.q.assign(nb * mp * 256, 0);
+  out.d.assign(nb * mp * 16, 0.f);
+  out.gsum_t.assign(ng * mp + 16, 0.f);
+  if (corr) out.corr.assign(nb * mp * 16, 0);
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t t = 0; t < m; ++t) {
     for (int64_t g = 0; g < ng; ++g) out.gsum_t[g * mp + t] = qx.gsum[t * ng + g];
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t at = s * mp + t;
-      const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(qx.q.data() + t * k + s * 64));
-      _mm512_storeu_si512(out.q.data() + at * 64, v);
-      out.d[at * 2] = qx.d[t * nc + 2 * s];
-      out.d[at * 2 + 1] = qx.d[t * nc + 2 * s + 1];
-      if (corr)
-        _mm512_storeu_si512(out.corr.data() + at * 16,
-                            _mm512_sub_epi32(_mm512_setzero_si512(),
-                                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, v)));
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = b * mp + t;
+      int8_t* o = out.q.data() + at * 256;
+      for (int64_t c = 0; c < 8 && 8 * b + c < nc; ++c) {
+        const int8_t* src = qx.q.data() + t * k + (8 * b + c) * kChunk;
+        for (int j = 0; j < 4; ++j) std::memcpy(o + j * 64 + c * 8, src + 8 * j, 8);
+        out.d[at * 16 + 2 * c] = out.d[at * 16 + 2 * c + 1] = qx.d[t * nc + 8 * b + c];
+      }
+      if (corr) {
+        __m512i s = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) s = _mm512_dpbusd_epi32(s, u128, _mm512_load_si512(o + j * 64));
+        _mm512_store_si512(out.corr.data() + at * 16, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+      }
     }
   }
   return out;
@@ -312,27 +319,29 @@ THRIFTY_VNNI inline void halves(const uint16_t* src, int64_t n, float* out) {
     _mm512_store_ps(out + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n - i), src + i)));
 }
 
-// The min terms of one row for tokens t0 .. t0 + 7 (lane t): sum_g min[g] * gsum[t][g], 4 chains; mf: the
+// The min terms of one row for tokens t0 .. t0 + 15 (lane t): sum_g min[g] * gsum[t][g], 4 chains; mf: the
 // row's mins as float32.
-THRIFTY_VNNI inline __m256 min_terms(const float* mf, const VnniX& x, int64_t t0, int64_t ng) {
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+THRIFTY_VNNI inline __m512 min_terms(const float* mf, const VnniX& x, int64_t t0, int64_t ng) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const float* gs = x.gsum_t.data() + t0;
   int64_t g = 0;
   for (; g + 4 <= ng; g += 4)
     for (int j = 0; j < 4; ++j)
-      a[j] = _mm256_fmadd_ps(_mm256_set1_ps(mf[g + j]), _mm256_loadu_ps(gs + (g + j) * x.mpad), a[j]);
-  for (; g < ng; ++g) a[0] = _mm256_fmadd_ps(_mm256_set1_ps(mf[g]), _mm256_loadu_ps(gs + g * x.mpad), a[0]);
-  return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+      a[j] = _mm512_fmadd_ps(_mm512_set1_ps(mf[g + j]), _mm512_loadu_ps(gs + (g + j) * x.mpad), a[j]);
+  for (; g < ng; ++g) a[0] = _mm512_fmadd_ps(_mm512_set1_ps(mf[g]), _mm512_loadu_ps(gs + g * x.mpad), a[0]);
+  return _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
 }
 
-// Per group of R rows, computed once for all tokens before the token tiles run over the group:
-//   sxd [K/64, R, mpad, 2]: (w_scale * x_scale) of the step's two chunks; mt [R, mpad]: the min terms.
+// Per group of R rows, once for all its token tiles: ws [blocks, R, 16]: chunk c's weight scale in lanes 2c, 2c + 1
+// (zero past K); mt [R, mpad]: the min terms.
 template <int R>
-THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* sxd, float* mt) {
+THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* ws, float* mt) {
   const Problem& p = *vp.p;
   const VnniX& x = *vp.x;
-  const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk, steps = p.k / 64, mp = x.mpad;
+  const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk, mp = x.mpad;
+  const int64_t nb = (p.k + kBlock - 1) / kBlock;
   alignas(64) float s[kMaxChunks + 16];
+  const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   for (int r = 0; r < R; ++r) {
     const uint16_t* sr = p.scales + (n0 + r) * ng;
     if (per == 1) {
@@ -342,62 +351,82 @@ THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* sxd, floa
         const float v = _cvtsh_ss(sr[g]);
         for (int64_t j = 0; j < per; ++j) s[g * per + j] = v;
       }
+      std::fill(s + nc, s + 8 * nb, 0.f);
     }
-    for (int64_t st = 0; st < steps; ++st) {
-      double two;
-      std::memcpy(&two, s + 2 * st, sizeof two);
-      const __m512 ws = _mm512_castpd_ps(_mm512_set1_pd(two));
-      const float* xd = x.d.data() + st * mp * 2;
-      float* o = sxd + (st * R + r) * mp * 2;
-      for (int64_t t = 0; t < mp; t += 8) _mm512_store_ps(o + 2 * t, _mm512_mul_ps(ws, _mm512_load_ps(xd + 2 * t)));
-    }
+    for (int64_t b = 0; b < nb; ++b)
+      _mm512_store_ps(ws + (b * R + r) * 16,
+                      _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_load_ps(s + 8 * b))));
     float* mr = mt + r * mp;
     if (!p.mins) {
       std::fill(mr, mr + mp, 0.f);
       continue;
     }
     halves(p.mins + (n0 + r) * ng, ng, s);
-    for (int64_t t = 0; t < mp; t += 8) _mm256_store_ps(mr + t, min_terms(s, x, t, ng));
+    for (int64_t t = 0; t < mp; t += 16) _mm512_mask_storeu_ps(mr + t, first(mp - t), min_terms(s, x, t, ng));
   }
 }
 
-// R rows x M tokens of y, as tile but 64 values a step on vpdpbusd; sxd, mt: the group's (group_prep).
+THRIFTY_VNNI inline __m512i load_part(const uint8_t* p, int64_t n) {  // n bytes (<= 0: none), the rest zero
+  if (n >= 64) return _mm512_loadu_si512(p);
+  if (n <= 0) return _mm512_setzero_si512();
+  return _mm512_maskz_loadu_epi8((~0ull) >> (64 - n), p);
+}
+
+// A row's 256-value block as the 4 u8 vectors of the layout above; `valid`: its bytes inside the row.
+template <int BITS>
+THRIFTY_VNNI inline void weight_block(const uint8_t* wr, int64_t valid, __m512i z[4]) {
+  if constexpr (BITS == 4) {  // 128 bytes: 32 per pair of chunks, byte i: chunk 2p value i (low), 2p + 1 (high)
+    const __m512i a = load_part(wr, valid), b = load_part(wr + 64, valid - 64);
+    const __m512i shift = _mm512_setr_epi64(0, 4, 0, 4, 0, 4, 0, 4), low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i idx = _mm512_setr_epi64(j, j, 4 + j, 4 + j, 8 + j, 8 + j, 12 + j, 12 + j);
+      z[j] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_permutex2var_epi64(a, idx, b), shift), low);
+    }
+  } else {  // 256 bytes, chunk c = bytes 32c..32c+31; as u8 by flipping the sign bit (w + 128)
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i w[4];
+    for (int i = 0; i < 4; ++i) w[i] = _mm512_xor_si512(load_part(wr + 64 * i, valid - 64 * i), flip);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i idx = _mm512_setr_epi64(j, 4 + j, 8 + j, 12 + j, 0, 0, 0, 0);
+      const __m512i lo = _mm512_permutex2var_epi64(w[0], idx, w[1]), hi = _mm512_permutex2var_epi64(w[2], idx, w[3]);
+      z[j] = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+    }
+  }
+}
+
+// R rows x M tokens of y, 256 values a step on vpdpbusd; ws, mt: the group's (group_prep).
 template <int BITS, int M, int R>
-THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const float* sxd, const float* mt) {
+THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const float* ws, const float* mt) {
   const Problem& p = *vp.p;
-  const int64_t k = p.k, steps = k / 64, row_bytes = BITS == 4 ? k / 2 : k, mp = vp.x->mpad;
+  const VnniX& x = *vp.x;
+  const int64_t k = p.k, nb = (k + kBlock - 1) / kBlock, row_bytes = BITS == 4 ? k / 2 : k, mp = x.mpad;
+  constexpr int64_t kBlockBytes = BITS == 4 ? kBlock / 2 : kBlock;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < M; ++t) acc[r][t] = _mm512_setzero_ps();
-  const __m512i pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  const __m512i inter = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int8_t* xq = vp.x->q.data() + t0 * 64;
-  const int32_t* xc = BITS == 8 ? vp.x->corr.data() + t0 * 16 : nullptr;
-  const float* sc = sxd + t0 * 2;
   const uint8_t* w0 = p.w + n0 * row_bytes;
-  for (int64_t st = 0; st < steps; ++st, xq += mp * 64, xc += BITS == 8 ? mp * 16 : 0, sc += R * mp * 2) {
-    __m512i w[R];
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i z[R][4];
+    __m512 wsc[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wr = w0 + r * row_bytes + st * (BITS == 4 ? 32 : 64);
-      _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetch), _MM_HINT_T0);
-      if constexpr (BITS == 4) {  // byte j: q[j] low nibble (chunk 2 st), q[j + 32] high (chunk 2 st + 1)
-        const __m512i packed = _mm512_permutexvar_epi32(
-            pair, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))));
-        w[r] = _mm512_and_si512(_mm512_srlv_epi32(packed, shift), low);
-      } else {
-        w[r] = _mm512_xor_si512(_mm512_permutexvar_epi32(inter, _mm512_loadu_si512(wr)), flip);
-      }
+      const uint8_t* wr = w0 + r * row_bytes + b * kBlockBytes;
+      for (int64_t l = 0; l < kBlockBytes; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetch + l), _MM_HINT_T0);
+      weight_block<BITS>(wr, row_bytes - b * kBlockBytes, z[r]);
+      wsc[r] = _mm512_load_ps(ws + (b * R + r) * 16);
     }
+    const int8_t* xb = x.q.data() + (b * mp + t0) * 256;
+    const float* xd = x.d.data() + (b * mp + t0) * 16;
+    const int32_t* xc = BITS == 8 ? x.corr.data() + (b * mp + t0) * 16 : nullptr;
     for (int t = 0; t < M; ++t) {
-      const __m512i xv = _mm512_load_si512(xq + t * 64);
+      __m512i xv[4];
+      for (int j = 0; j < 4; ++j) xv[j] = _mm512_load_si512(xb + t * 256 + j * 64);
+      const __m512 xs = _mm512_load_ps(xd + t * 16);
       const __m512i start = BITS == 4 ? _mm512_setzero_si512() : _mm512_load_si512(xc + t * 16);
       for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(start, w[r], xv);
-        double two;  // the scales of chunks 2 st and 2 st + 1, side by side
-        std::memcpy(&two, sc + (r * mp + t) * 2, sizeof two);
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_castpd_ps(_mm512_set1_pd(two)), acc[r][t]);
+        __m512i dot = start;
+        for (int j = 0; j < 4; ++j) dot = _mm512_dpbusd_epi32(dot, z[r][j], xv[j]);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wsc[r], xs), acc[r][t]);
       }
     }
   }
@@ -407,27 +436,27 @@ THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const
 
 #ifndef THRIFTY_VNNI_M
 #define THRIFTY_VNNI_M 4
-#define THRIFTY_VNNI_R 4
+#define THRIFTY_VNNI_R 2
 #endif
-constexpr int kVnniTokens = THRIFTY_VNNI_M;  // a tile: kVnniTokens x kVnniRows accumulators in zmm registers
-constexpr int kVnniRows = THRIFTY_VNNI_R;
+constexpr int kVnniTokens = THRIFTY_VNNI_M;  // a tile: kVnniTokens x kVnniRows float accumulators, 4 weight
+constexpr int kVnniRows = THRIFTY_VNNI_R;    // vectors a row and 4 x vectors in zmm registers
 
 // Every token of rows n0 .. n0 + R - 1: tiles of kVnniTokens, then the rest in one tile. The group's weights stay
 // in L1 across the token tiles.
 template <int BITS, int R>
-THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* sxd, float* mt) {
-  group_prep<R>(vp, n0, sxd, mt);
+THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float* mt) {
+  group_prep<R>(vp, n0, ws, mt);
   const int64_t m = vp.p->m;
   int64_t t0 = 0;
-  for (; t0 + kVnniTokens <= m; t0 += kVnniTokens) tile_vnni<BITS, kVnniTokens, R>(vp, n0, t0, sxd, mt);
+  for (; t0 + kVnniTokens <= m; t0 += kVnniTokens) tile_vnni<BITS, kVnniTokens, R>(vp, n0, t0, ws, mt);
   switch (m - t0) {
-    case 1: tile_vnni<BITS, 1, R>(vp, n0, t0, sxd, mt); break;
-    case 2: tile_vnni<BITS, 2, R>(vp, n0, t0, sxd, mt); break;
-    case 3: tile_vnni<BITS, 3, R>(vp, n0, t0, sxd, mt); break;
-    case 4: if constexpr (kVnniTokens > 4) tile_vnni<BITS, 4, R>(vp, n0, t0, sxd, mt); break;
-    case 5: if constexpr (kVnniTokens > 5) tile_vnni<BITS, 5, R>(vp, n0, t0, sxd, mt); break;
-    case 6: if constexpr (kVnniTokens > 6) tile_vnni<BITS, 6, R>(vp, n0, t0, sxd, mt); break;
-    case 7: if constexpr (kVnniTokens > 7) tile_vnni<BITS, 7, R>(vp, n0, t0, sxd, mt); break;
+    case 1: tile_vnni<BITS, 1, R>(vp, n0, t0, ws, mt); break;
+    case 2: tile_vnni<BITS, 2, R>(vp, n0, t0, ws, mt); break;
+    case 3: tile_vnni<BITS, 3, R>(vp, n0, t0, ws, mt); break;
+    case 4: if constexpr (kVnniTokens > 4) tile_vnni<BITS, 4, R>(vp, n0, t0, ws, mt); break;
+    case 5: if constexpr (kVnniTokens > 5) tile_vnni<BITS, 5, R>(vp, n0, t0, ws, mt); break;
+    case 6: if constexpr (kVnniTokens > 6) tile_vnni<BITS, 6, R>(vp, n0, t0, ws, mt); break;
+    case 7: if constexpr (kVnniTokens > 7) tile_vnni<BITS, 7, R>(vp, n0, t0, ws, mt); break;
     default: break;
   }
 }
@@ -435,11 +464,11 @@ THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* sxd, floa
 // Rows [lo, hi) in groups of kVnniRows (then single rows).
 template <int BITS>
 THRIFTY_VNNI void rows_vnni(const VnniProblem& vp, int64_t lo, int64_t hi) {
-  const int64_t mp = vp.x->mpad;
-  std::vector<float, Aligned64<float>> sxd(vp.p->k / 32 * kVnniRows * mp), mt(kVnniRows * mp);
+  const int64_t nb = (vp.p->k + kBlock - 1) / kBlock;
+  std::vector<float, Aligned64<float>> ws(nb * kVnniRows * 16), mt(kVnniRows * vp.x->mpad + 16);
   int64_t n = lo;
-  for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, sxd.data(), mt.data());
-  for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, sxd.data(), mt.data());
+  for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, ws.data(), mt.data());
+  for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, ws.data(), mt.data());
 }
 
 // Which inner loop: path -1 auto (VNNI where the CPU has it), 1 AVX2, 2 VNNI (an error where the CPU lacks it).
