@@ -123,6 +123,27 @@ def test_qgemv_vnni_path_matches_the_avx2_path_and_the_reference(bits, k, group,
         assert ((vnni - avx2).abs().max() / scale) < 1e-6, m   # float32 summation order only
 
 
+@needs_kernel
+@pytest.mark.parametrize("path", ["avx2", "vnni"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qgemv_rows_are_the_same_bits_alone_and_in_a_batch(path, bits):
+    """What the engine's batched == alone equivalences need: each path's y for a token does not depend on the
+    tokens beside it (tile shapes, remainders, row groups)."""
+    if path == "vnni" and not HAS_VNNI:
+        pytest.skip("no VNNI here")
+    assert native.available(), native.unavailable_reason()
+    n, k, group = 45, 640, 32
+    packed, scales, offs, _ = _weights(bits, n, k, group, bits == 4, seed=11)
+    x = torch.randn(63, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    batched = native.qgemv(x, packed, scales, offs, None, bits, group, path=path)
+    for m in (1, 2, 5, 9, 17, 63):
+        part = native.qgemv(x[:m], packed, scales, offs, None, bits, group, path=path)
+        assert torch.equal(part, batched[:m]), m
+    for i in (0, 8, 31, 62):
+        assert torch.equal(native.qgemv(x[i:i + 1], packed, scales, offs, None, bits, group, path=path)[0],
+                           batched[i]), i
+
+
 @needs_vnni
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qgemv_vnni_path_in_bf16(bits):

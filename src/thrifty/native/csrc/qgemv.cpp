@@ -270,7 +270,8 @@ struct VnniX {
   std::vector<int8_t, Aligned64<int8_t>> q;       // [blocks, mpad, 4, 64]
   std::vector<int32_t, Aligned64<int32_t>> corr;  // [blocks, mpad, 16]: -128 * the lane sums of q (int8 weights)
   std::vector<float, Aligned64<float>> d;         // [blocks, mpad, 16]: chunk c's x scale in lanes 2c, 2c + 1
-  std::vector<float> gsum_t;                      // [K/group, mpad] (+16): QuantizedX::gsum transposed
+  std::vector<float, Aligned64<float>> gsum;      // [M, ngpad]: QuantizedX::gsum, each token's padded with zeros
+  int64_t ngpad;                                  // K/group rounded up to 16
 };
 
 constexpr int64_t kBlock = 256;
@@ -281,11 +282,12 @@ THRIFTY_VNNI VnniX interleave_x(const QuantizedX& qx, int64_t m, int64_t k, int6
   const int64_t mp = out.mpad = (m + 7) & ~int64_t{7};
   out.q.assign(nb * mp * 256, 0);
   out.d.assign(nb * mp * 16, 0.f);
-  out.gsum_t.assign(ng * mp + 16, 0.f);
+  out.ngpad = (ng + 15) & ~int64_t{15};
+  out.gsum.assign(m * out.ngpad, 0.f);
   if (corr) out.corr.assign(nb * mp * 16, 0);
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t t = 0; t < m; ++t) {
-    for (int64_t g = 0; g < ng; ++g) out.gsum_t[g * mp + t] = qx.gsum[t * ng + g];
+    std::copy(qx.gsum.begin() + t * ng, qx.gsum.begin() + (t + 1) * ng, out.gsum.begin() + t * out.ngpad);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t at = b * mp + t;
       int8_t* o = out.q.data() + at * 256;
@@ -319,26 +321,13 @@ THRIFTY_VNNI inline void halves(const uint16_t* src, int64_t n, float* out) {
     _mm512_store_ps(out + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n - i), src + i)));
 }
 
-// The min terms of one row for tokens t0 .. t0 + 15 (lane t): sum_g min[g] * gsum[t][g], 4 chains; mf: the
-// row's mins as float32.
-THRIFTY_VNNI inline __m512 min_terms(const float* mf, const VnniX& x, int64_t t0, int64_t ng) {
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  const float* gs = x.gsum_t.data() + t0;
-  int64_t g = 0;
-  for (; g + 4 <= ng; g += 4)
-    for (int j = 0; j < 4; ++j)
-      a[j] = _mm512_fmadd_ps(_mm512_set1_ps(mf[g + j]), _mm512_loadu_ps(gs + (g + j) * x.mpad), a[j]);
-  for (; g < ng; ++g) a[0] = _mm512_fmadd_ps(_mm512_set1_ps(mf[g]), _mm512_loadu_ps(gs + g * x.mpad), a[0]);
-  return _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-}
-
 // Per group of R rows, once for all its token tiles: ws [blocks, R, 16]: chunk c's weight scale in lanes 2c, 2c + 1
-// (zero past K); mt [R, mpad]: the min terms.
+// (zero past K); mf [R, ngpad]: the mins as float32 (zero past K / group).
 template <int R>
-THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* ws, float* mt) {
+THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* ws, float* mf) {
   const Problem& p = *vp.p;
   const VnniX& x = *vp.x;
-  const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk, mp = x.mpad;
+  const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk;
   const int64_t nb = (p.k + kBlock - 1) / kBlock;
   alignas(64) float s[kMaxChunks + 16];
   const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
@@ -356,13 +345,7 @@ THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* ws, float
     for (int64_t b = 0; b < nb; ++b)
       _mm512_store_ps(ws + (b * R + r) * 16,
                       _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_load_ps(s + 8 * b))));
-    float* mr = mt + r * mp;
-    if (!p.mins) {
-      std::fill(mr, mr + mp, 0.f);
-      continue;
-    }
-    halves(p.mins + (n0 + r) * ng, ng, s);
-    for (int64_t t = 0; t < mp; t += 16) _mm512_mask_storeu_ps(mr + t, first(mp - t), min_terms(s, x, t, ng));
+    if (p.mins) halves(p.mins + (n0 + r) * ng, ng, mf + r * x.ngpad);
   }
 }
 
@@ -394,9 +377,10 @@ THRIFTY_VNNI inline void weight_block(const uint8_t* wr, int64_t valid, __m512i 
   }
 }
 
-// R rows x M tokens of y, 256 values a step on vpdpbusd; ws, mt: the group's (group_prep).
+// R rows x M tokens of y, 256 values a step on vpdpbusd; ws, mf: the group's (group_prep). Each (row, token) runs
+// the same operations in the same order whatever M and the tile, so a row's y is the same bits alone and in a batch.
 template <int BITS, int M, int R>
-THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const float* ws, const float* mt) {
+THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const float* ws, const float* mf) {
   const Problem& p = *vp.p;
   const VnniX& x = *vp.x;
   const int64_t k = p.k, nb = (k + kBlock - 1) / kBlock, row_bytes = BITS == 4 ? k / 2 : k, mp = x.mpad;
@@ -430,34 +414,37 @@ THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const
       }
     }
   }
+  if (p.mins)  // the min term, sum_g min[g] * gsum[t][g], into the same 16 lanes before they are summed
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < M; ++t)
+        for (int64_t g = 0; g < x.ngpad; g += 16)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps(mf + r * x.ngpad + g),
+                                      _mm512_load_ps(x.gsum.data() + (t0 + t) * x.ngpad + g), acc[r][t]);
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < M; ++t) p.put(t0 + t, n0 + r, _mm512_reduce_add_ps(acc[r][t]) + mt[r * mp + t0 + t]);
+    for (int t = 0; t < M; ++t) p.put(t0 + t, n0 + r, _mm512_reduce_add_ps(acc[r][t]));
 }
 
 // A tile: kVnniTokens x kVnniRows float accumulators, 4 weight vectors a row and 4 x vectors in zmm registers.
 // Measured (0.5B shapes, Zen 4, 2 threads, M = 32): 8 x 2 beat 4 x 2, 6 x 2 and 8 x 1 by 5-25 %.
 constexpr int kVnniTokens = 8;
 constexpr int kVnniRows = 2;
-// At one token qgemv reads weights at the memory's speed and VNNI's per-block unpacking costs more than it saves
-// (gate_up 9728x896 int4: 0.25 vs 0.17 ms); auto takes the AVX2 loop below this many tokens.
-constexpr int64_t kVnniMinTokens = 2;
 
 // Every token of rows n0 .. n0 + R - 1: tiles of kVnniTokens, then the rest in one tile. The group's weights stay
 // in L1 across the token tiles.
 template <int BITS, int R>
-THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float* mt) {
-  group_prep<R>(vp, n0, ws, mt);
+THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float* mf) {
+  group_prep<R>(vp, n0, ws, mf);
   const int64_t m = vp.p->m;
   int64_t t0 = 0;
-  for (; t0 + kVnniTokens <= m; t0 += kVnniTokens) tile_vnni<BITS, kVnniTokens, R>(vp, n0, t0, ws, mt);
+  for (; t0 + kVnniTokens <= m; t0 += kVnniTokens) tile_vnni<BITS, kVnniTokens, R>(vp, n0, t0, ws, mf);
   switch (m - t0) {
-    case 1: tile_vnni<BITS, 1, R>(vp, n0, t0, ws, mt); break;
-    case 2: tile_vnni<BITS, 2, R>(vp, n0, t0, ws, mt); break;
-    case 3: tile_vnni<BITS, 3, R>(vp, n0, t0, ws, mt); break;
-    case 4: if constexpr (kVnniTokens > 4) tile_vnni<BITS, 4, R>(vp, n0, t0, ws, mt); break;
-    case 5: if constexpr (kVnniTokens > 5) tile_vnni<BITS, 5, R>(vp, n0, t0, ws, mt); break;
-    case 6: if constexpr (kVnniTokens > 6) tile_vnni<BITS, 6, R>(vp, n0, t0, ws, mt); break;
-    case 7: if constexpr (kVnniTokens > 7) tile_vnni<BITS, 7, R>(vp, n0, t0, ws, mt); break;
+    case 1: tile_vnni<BITS, 1, R>(vp, n0, t0, ws, mf); break;
+    case 2: tile_vnni<BITS, 2, R>(vp, n0, t0, ws, mf); break;
+    case 3: tile_vnni<BITS, 3, R>(vp, n0, t0, ws, mf); break;
+    case 4: if constexpr (kVnniTokens > 4) tile_vnni<BITS, 4, R>(vp, n0, t0, ws, mf); break;
+    case 5: if constexpr (kVnniTokens > 5) tile_vnni<BITS, 5, R>(vp, n0, t0, ws, mf); break;
+    case 6: if constexpr (kVnniTokens > 6) tile_vnni<BITS, 6, R>(vp, n0, t0, ws, mf); break;
+    case 7: if constexpr (kVnniTokens > 7) tile_vnni<BITS, 7, R>(vp, n0, t0, ws, mf); break;
     default: break;
   }
 }
@@ -466,19 +453,20 @@ THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float
 template <int BITS>
 THRIFTY_VNNI void rows_vnni(const VnniProblem& vp, int64_t lo, int64_t hi) {
   const int64_t nb = (vp.p->k + kBlock - 1) / kBlock;
-  std::vector<float, Aligned64<float>> ws(nb * kVnniRows * 16), mt(kVnniRows * vp.x->mpad + 16);
+  std::vector<float, Aligned64<float>> ws(nb * kVnniRows * 16), mf(kVnniRows * vp.x->ngpad);
   int64_t n = lo;
-  for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, ws.data(), mt.data());
-  for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, ws.data(), mt.data());
+  for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, ws.data(), mf.data());
+  for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, ws.data(), mf.data());
 }
 
-// Which inner loop: path -1 auto (VNNI where the CPU has it, from kVnniMinTokens tokens), 1 AVX2, 2 VNNI (an error
-// where the CPU lacks it).
-bool use_vnni(int64_t path, int64_t m) {
+// Which inner loop: path -1 auto (VNNI where the CPU has it), 1 AVX2, 2 VNNI (an error where the CPU lacks it).
+// Never chosen by M: a sequence's logits must be the same bits alone and in a batch, and the two loops sum the
+// chunk products in different orders.
+bool use_vnni(int64_t path) {
   TORCH_CHECK(path == -1 || path == 1 || path == 2, "qgemv: path is -1 (auto), 1 (avx2) or 2 (vnni)");
   if (path == 1) return false;
   TORCH_CHECK(path == -1 || int8dot::has_vnni(), "qgemv: the VNNI path needs AVX512F / BW / VL / VNNI");
-  return int8dot::has_vnni() && (path == 2 || m >= kVnniMinTokens);
+  return int8dot::has_vnni();
 }
 
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
@@ -502,7 +490,7 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
     bias_f = bias->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({m, n}, x.options());
-  const bool vnni = use_vnni(path, m);
+  const bool vnni = use_vnni(path);
   const QuantizedX qx = x.scalar_type() == at::kFloat ? quantize_x(x.data_ptr<float>(), m, k, group)
                                                       : quantize_x(x.data_ptr<at::BFloat16>(), m, k, group);
   const Problem p{static_cast<const uint8_t*>(w.data_ptr()),
