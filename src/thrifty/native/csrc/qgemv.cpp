@@ -453,8 +453,10 @@ THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float
 template <int BITS>
 THRIFTY_VNNI void rows_vnni(const VnniProblem& vp, int64_t lo, int64_t hi) {
   const int64_t nb = (vp.p->k + kBlock - 1) / kBlock;
-  std::vector<float, Aligned64<float>> ws(nb * kVnniRows * 16), mf(kVnniRows * vp.x->ngpad);
+  std::vector<float, Aligned64<float>> ws(nb * 4 * 16), mf(4 * vp.x->ngpad);
   int64_t n = lo;
+  if (vp.p->m == 1)  // one token: 4 rows a tile, 4 weight streams in flight (as the AVX2 loop does)
+    for (; n + 4 <= hi; n += 4) group_vnni<BITS, 4>(vp, n, ws.data(), mf.data());
   for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, ws.data(), mf.data());
   for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, ws.data(), mf.data());
 }
