@@ -6,6 +6,7 @@ microseconds each (norms, rotary, attention over the paged cache, activations). 
 
 - `qgemv`: x W^T for up to ~32 rows with 4- or 8-bit group-quantized weights. The activations are quantized
   to int8 per 32 values (as llama.cpp does), so it serves bf16 compute; float32 compute keeps exact kernels.
+  Its inner loop is AVX2 `maddubs`, or AVX512-VNNI `vpdpbusd` where the CPU has it (THRIFTY_QGEMV).
 - `rms_norm`, `rope_`, `act_mul`: one call each for what takes 4-10 torch ops.
 - `decode_attention`, `kv_write_`: paged attention for one-token queries straight from the KV blocks, float or
   int8 / fp8 with per-row scales (ops/kv_quant.py), dequantized in registers.

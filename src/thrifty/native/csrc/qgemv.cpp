@@ -1,4 +1,5 @@
-// thrifty::qgemv: y = x W^T (+ bias) for few-token steps (decode) with 4- or 8-bit weights, on AVX2 + FMA + F16C.
+// thrifty::qgemv: y = x W^T (+ bias) for few-token steps (decode) with 4- or 8-bit weights, on AVX2 + FMA + F16C,
+// and AVX512-VNNI where the CPU has it.
 //
 //   w[n, k] = scale[n, g] * q[n, k] + min[n, g]       g = k / group (group: a multiple of 32; K % 64 == 0)
 //
@@ -13,8 +14,9 @@
 // scales, mins: float16 [N, K / group]; mins may be absent (symmetric formats).
 //
 // Two inner loops over the same int8 x (see tile and tile_vnni): AVX2 maddubs + madd (every CPU the kernels build
-// on), and AVX512-VNNI vpdpbusd, 64 products per instruction, where the CPU has it. The integer dots of both are
-// exact; they differ only in the order the float chunk products are summed.
+// on), and AVX512-VNNI vpdpbusd, 64 products per instruction, where the CPU has it (functions compiled with a
+// target attribute, picked at run time). The integer dots of both are exact; they differ only in the order the
+// float chunk products are summed, so y agrees to float32 rounding (about 1e-7 of max |y|).
 #include "vec.h"
 
 #include <ATen/Parallel.h>
