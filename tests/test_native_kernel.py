@@ -161,18 +161,21 @@ def test_qgemv_vnni_path_in_bf16(bits):
 
 
 def test_qgemv_path_switch(monkeypatch):
-    native.qgemv_path.cache_clear()
     try:
-        monkeypatch.setenv("THRIFTY_QGEMV", "avx2")
-        assert native.qgemv_path() == native.QGEMV_PATHS["avx2"]
+        monkeypatch.delenv("THRIFTY_QGEMV", raising=False)
         native.qgemv_path.cache_clear()
+        assert native.qgemv_path() == native.QGEMV_PATHS["auto"]
+        for name, mode in native.QGEMV_PATHS.items():
+            monkeypatch.setenv("THRIFTY_QGEMV", name)
+            native.qgemv_path.cache_clear()
+            assert native.qgemv_path() == mode
         monkeypatch.setenv("THRIFTY_QGEMV", "fast")
+        native.qgemv_path.cache_clear()
         with pytest.raises(ValueError, match="THRIFTY_QGEMV"):
             native.qgemv_path()
     finally:
-        monkeypatch.delenv("THRIFTY_QGEMV")
-        native.qgemv_path.cache_clear()
-    assert native.qgemv_path() == native.QGEMV_PATHS["auto"]
+        monkeypatch.undo()
+        native.qgemv_path.cache_clear()   # later tests read the real environment again
 
 
 @needs_kernel
