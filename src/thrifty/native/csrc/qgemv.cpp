@@ -237,12 +237,10 @@ void rows(const Problem& p, int64_t lo, int64_t hi) {
 }
 
 // ---- AVX512-VNNI path -----------------------------------------------------------------------------------
-// One zmm covers 64 values (two 32-value chunks) of a row, dwords interleaved: dword 2j holds values 4j..4j+3 of
-// chunk c, dword 2j+1 those of chunk c+1. vpdpbusd then leaves chunk c's partial sums in the even lanes and chunk
-// c+1's in the odd ones, so one 8-byte broadcast of the two chunks' scales (s_c, s_c+1, s_c, ...) scales them:
-// per 64 values and (row, token) a dpbusd, a cvt and an fma, against 10 instructions on AVX2. x is laid out the
-// same way once per call. int8 weights become u8 by flipping the sign bit (w + 128); the accumulator then starts
-// at -128 * (the x dword's sum) per lane, so the dot stays exact.
+// The same int8 x, multiplied with vpdpbusd (u8 x s8, 64 products an instruction) over 256-value blocks (the layout
+// at VnniX). int4 weights are u8 already; int8 weights become u8 by flipping the sign bit (w + 128), and the int32
+// accumulator starts at -128 * (the sum of the x bytes it meets), so every chunk's dot is exact as on AVX2. Rows go
+// in groups of 2 (4 for one token) whose weights stay in L1 while 8-token tiles pass over them.
 #ifndef THRIFTY_VNNI
 #define THRIFTY_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
@@ -427,7 +425,8 @@ THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const
 }
 
 // A tile: kVnniTokens x kVnniRows float accumulators, 4 weight vectors a row and 4 x vectors in zmm registers.
-// Measured (0.5B shapes, Zen 4, 2 threads, M = 32): 8 x 2 beat 4 x 2, 6 x 2 and 8 x 1 by 5-25 %.
+// Measured (0.5B shapes and Gemma's head, Zen 4, 2 threads, M = 32): 8 x 2 best or within noise of the best
+// against 4 x 2 and 6 x 2 (6 x 2 ahead on 4864->896 only); 8 x 1 15-30 % slower.
 constexpr int kVnniTokens = 8;
 constexpr int kVnniRows = 2;
 
