@@ -103,14 +103,14 @@ needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the VNNI path needs AVX512
 @pytest.mark.parametrize("bias", [True, False])
 def test_qgemv_vnni_path_matches_the_avx2_path_and_the_reference(bits, k, group, mins, bias):
     """Both inner loops multiply the same int8 x exactly; only the float order of the chunk products differs. Odd N,
-    every tile shape (M 1..9, and 17, 33, 63 with their remainders), K with a partial 256-value block (896, 640)
-    and without (4864)."""
+    every tile shape (M 1..9, and 17, 33, 63, 127 with their remainders), K with a partial 256-value block (896,
+    640) and without (4864)."""
     assert native.available(), native.unavailable_reason()
     n = 37
     packed, scales, offs, w = _weights(bits, n, k, group, mins, seed=k + group + bits)
     g = torch.Generator().manual_seed(k + 7 * group + bits + 2 * mins + bias)
     b = torch.randn(n, generator=g) if bias else None
-    for m in (*range(1, 10), 17, 33, 63):
+    for m in (*range(1, 10), 17, 33, 63, 127):
         x = torch.randn(m, k, generator=g) * 2
         x[m // 2, 64:96] = 0                                        # a zero chunk
         avx2 = native.qgemv(x, packed, scales, offs, b, bits, group, path="avx2")
@@ -134,12 +134,12 @@ def test_qgemv_rows_are_the_same_bits_alone_and_in_a_batch(path, bits):
     assert native.available(), native.unavailable_reason()
     n, k, group = 45, 640, 32
     packed, scales, offs, _ = _weights(bits, n, k, group, bits == 4, seed=11)
-    x = torch.randn(63, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    x = torch.randn(127, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     batched = native.qgemv(x, packed, scales, offs, None, bits, group, path=path)
-    for m in (1, 2, 5, 9, 17, 63):
+    for m in (1, 2, 5, 9, 17, 63, 100):
         part = native.qgemv(x[:m], packed, scales, offs, None, bits, group, path=path)
         assert torch.equal(part, batched[:m]), m
-    for i in (0, 8, 31, 62):
+    for i in (0, 8, 31, 62, 126):
         assert torch.equal(native.qgemv(x[i:i + 1], packed, scales, offs, None, bits, group, path=path)[0],
                            batched[i]), i
 
