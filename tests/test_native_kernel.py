@@ -92,6 +92,101 @@ def test_qgemv_over_several_row_blocks(bits, m):
     assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
 
 
+HAS_VNNI = HAS_AVX2 and native.has_vnni()
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the VNNI path needs AVX512F / BW / VL / VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group", [(896, 32), (896, 128), (4864, 32), (4864, 128), (640, 32), (640, 128)])
+@pytest.mark.parametrize("mins", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_qgemv_vnni_path_matches_the_avx2_path_and_the_reference(bits, k, group, mins, bias):
+    """Both inner loops multiply the same int8 x exactly; only the float order of the chunk products differs. Odd N,
+    every tile shape (M 1..9, and 17, 33, 63, 127 with their remainders), K with a partial 256-value block (896,
+    640) and without (4864)."""
+    assert native.available(), native.unavailable_reason()
+    n = 37
+    packed, scales, offs, w = _weights(bits, n, k, group, mins, seed=k + group + bits)
+    g = torch.Generator().manual_seed(k + 7 * group + bits + 2 * mins + bias)
+    b = torch.randn(n, generator=g) if bias else None
+    for m in (*range(1, 10), 17, 33, 63, 127):
+        x = torch.randn(m, k, generator=g) * 2
+        x[m // 2, 64:96] = 0                                        # a zero chunk
+        avx2 = native.qgemv(x, packed, scales, offs, b, bits, group, path="avx2")
+        vnni = native.qgemv(x, packed, scales, offs, b, bits, group, path="vnni")
+        ref = _emulate(x, w) + (b.double() if bias else 0)
+        scale = ref.abs().max()
+        assert vnni.shape == (m, n) and vnni.dtype == torch.float32
+        assert ((avx2.double() - ref).abs().max() / scale) < 2e-6, m
+        assert ((vnni.double() - ref).abs().max() / scale) < 2e-6, m
+        assert ((vnni - avx2).abs().max() / scale) < 1e-6, m   # float32 summation order only
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", ["avx2", "vnni"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qgemv_rows_are_the_same_bits_alone_and_in_a_batch(path, bits):
+    """What the engine's batched == alone equivalences need: each path's y for a token does not depend on the
+    tokens beside it (tile shapes, remainders, row groups)."""
+    if path == "vnni" and not HAS_VNNI:
+        pytest.skip("no VNNI here")
+    assert native.available(), native.unavailable_reason()
+    n, k, group = 45, 640, 32
+    packed, scales, offs, _ = _weights(bits, n, k, group, bits == 4, seed=11)
+    x = torch.randn(127, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    batched = native.qgemv(x, packed, scales, offs, None, bits, group, path=path)
+    for m in (1, 2, 5, 9, 17, 63, 100):
+        part = native.qgemv(x[:m], packed, scales, offs, None, bits, group, path=path)
+        assert torch.equal(part, batched[:m]), m
+    for i in (0, 8, 31, 62, 126):
+        assert torch.equal(native.qgemv(x[i:i + 1], packed, scales, offs, None, bits, group, path=path)[0],
+                           batched[i]), i
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qgemv_vnni_path_in_bf16(bits):
+    """bf16 activations and output: the VNNI path rounds the same sums as the AVX2 path."""
+    assert native.available(), native.unavailable_reason()
+    n, k, group = 70, 896, 32
+    packed, scales, offs, w = _weights(bits, n, k, group, bits == 4, seed=3)
+    x = torch.randn(12, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    avx2 = native.qgemv(x, packed, scales, offs, None, bits, group, path="avx2")
+    vnni = native.qgemv(x, packed, scales, offs, None, bits, group, path="vnni")
+    assert vnni.dtype == torch.bfloat16
+    assert ((vnni.float() - avx2.float()).abs() <= avx2.float().abs() * 2 ** -7 + 1e-6).all()
+    ref = _emulate(x.float(), w)
+    assert ((vnni.double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_qgemv_path_switch(monkeypatch):
+    try:
+        monkeypatch.delenv("THRIFTY_QGEMV", raising=False)
+        native.qgemv_path.cache_clear()
+        assert native.qgemv_path() == native.QGEMV_PATHS["auto"]
+        for name, mode in native.QGEMV_PATHS.items():
+            monkeypatch.setenv("THRIFTY_QGEMV", name)
+            native.qgemv_path.cache_clear()
+            assert native.qgemv_path() == mode
+        monkeypatch.setenv("THRIFTY_QGEMV", "fast")
+        native.qgemv_path.cache_clear()
+        with pytest.raises(ValueError, match="THRIFTY_QGEMV"):
+            native.qgemv_path()
+    finally:
+        monkeypatch.undo()
+        native.qgemv_path.cache_clear()   # later tests read the real environment again
+
+
+@needs_kernel
+@pytest.mark.skipif(HAS_VNNI, reason="checks the refusal on a CPU without VNNI")
+def test_qgemv_refuses_the_vnni_path_without_vnni():
+    assert native.available(), native.unavailable_reason()
+    packed, scales, offs, _ = _weights(4, 8, 128, 32, True, 0)
+    with pytest.raises(RuntimeError, match="VNNI"):
+        native.qgemv(torch.randn(2, 128), packed, scales, offs, None, 4, 32, path="vnni")
+
+
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mins", [True, False])

@@ -6,6 +6,7 @@ microseconds each (norms, rotary, attention over the paged cache, activations). 
 
 - `qgemv`: x W^T for up to ~32 rows with 4- or 8-bit group-quantized weights. The activations are quantized
   to int8 per 32 values (as llama.cpp does), so it serves bf16 compute; float32 compute keeps exact kernels.
+  Its inner loop is AVX2 `maddubs`, or AVX512-VNNI `vpdpbusd` where the CPU has it (THRIFTY_QGEMV).
 - `rms_norm`, `rope_`, `act_mul`: one call each for what takes 4-10 torch ops.
 - `decode_attention`, `kv_write_`: paged attention for one-token queries straight from the KV blocks, float or
   int8 / fp8 with per-row scales (ops/kv_quant.py), dequantized in registers.
@@ -110,10 +111,26 @@ def runs_kv(cache: torch.Tensor) -> bool:
 
 
 # ---- few-token matmul ------------------------------------------------------------------------------------
+# qgemv's inner loop: AVX512-VNNI vpdpbusd where the CPU has it (auto), or one of the two forced; both multiply
+# the same int8 x exactly and differ only in the float summation order of the chunk products.
+QGEMV_PATHS = {"auto": -1, "avx2": 1, "vnni": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def qgemv_path() -> int:
+    """THRIFTY_QGEMV=auto|avx2|vnni (default auto) as the kernel's path argument; read once per process."""
+    name = os.environ.get("THRIFTY_QGEMV", "auto")
+    if name not in QGEMV_PATHS:
+        raise ValueError(f"THRIFTY_QGEMV={name!r}: use one of {', '.join(QGEMV_PATHS)}")
+    return QGEMV_PATHS[name]
+
+
 def qgemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-          bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """x [M, K] float32 / bf16 -> x W^T + bias [M, N] in x's dtype."""
-    return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group)
+          bias: torch.Tensor | None, bits: int, group: int, path: str | None = None) -> torch.Tensor:
+    """x [M, K] float32 / bf16 -> x W^T + bias [M, N] in x's dtype; path: a key of QGEMV_PATHS (None:
+    THRIFTY_QGEMV)."""
+    mode = qgemv_path() if path is None else QGEMV_PATHS[path]
+    return torch.ops.thrifty.qgemv(x.contiguous(), packed, scales, mins, bias, bits, group, mode)
 
 
 def qdequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,

@@ -30,10 +30,13 @@ from thrifty import native
 from thrifty.quant.qtensor import INT4_GROUP_SIZES, QTensor
 
 DEQUANT_MIN_TOKENS = 32
-# thrifty's qgemv keeps ~70 GMAC/s up to a few dozen tokens, where unpacking the weight for one GEMM costs
+# thrifty's qgemv keeps ~70 GMAC/s (AVX2) up to a few dozen tokens, where unpacking the weight for one GEMM costs
 # more than it saves (2 Zen 3 cores, 0.5B shapes, M=32: 9728x896 3.9 vs 17 ms, 896x4864 1.6 vs 2.5 ms): a
-# decode step of up to 64 sequences stays on it, prefill chunks dequantize.
-NATIVE_DEQUANT_MIN_TOKENS = 64
+# decode step of up to 64 sequences stays on it, prefill chunks dequantize. Its AVX512-VNNI loop is twice as fast
+# and beats dequantize + GEMM over a 0.5B layer up to ~128 tokens (2 Zen 4 cores, the four int4 matmuls of a layer:
+# 64 tokens 6.4 vs 10.1 ms, 96: 9.5 vs 12.9, 128: 13.6 vs 14.6, 192: 19.4 vs 18.6;
+# results/2026-12-05-epyc-zen4-2core-qgemv/dequant-rows.txt), so it keeps steps of up to 127 tokens.
+NATIVE_DEQUANT_MIN_TOKENS = 128 if native.qgemv_path() != native.QGEMV_PATHS["avx2"] and native.has_vnni() else 64
 _ROW_BLOCK = 64  # the CPU int4 packing works on blocks of 64 rows (AVX-512) or 32 (AVX2); pad rows to 64
 
 

@@ -1,4 +1,5 @@
-// thrifty::qgemv: y = x W^T (+ bias) for few-token steps (decode) with 4- or 8-bit weights, on AVX2 + FMA + F16C.
+// thrifty::qgemv: y = x W^T (+ bias) for few-token steps (decode) with 4- or 8-bit weights, on AVX2 + FMA + F16C,
+// and AVX512-VNNI where the CPU has it.
 //
 //   w[n, k] = scale[n, g] * q[n, k] + min[n, g]       g = k / group (group: a multiple of 32; K % 64 == 0)
 //
@@ -11,6 +12,11 @@
 //           256-bit load and two masks unpack two 32-value chunks.
 //   8 bits: int8 [N, K], q in -128..127 (|q| < 128 for maddubs' sign trick, which every quantizer here keeps).
 // scales, mins: float16 [N, K / group]; mins may be absent (symmetric formats).
+//
+// Two inner loops over the same int8 x (see tile and tile_vnni): AVX2 maddubs + madd (every CPU the kernels build
+// on), and AVX512-VNNI vpdpbusd, 64 products per instruction, where the CPU has it (functions compiled with a
+// target attribute, picked at run time). The integer dots of both are exact; they differ only in the order the
+// float chunk products are summed, so y agrees to float32 rounding (about 1e-7 of max |y|).
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -18,9 +24,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <new>
 #include <vector>
 
 namespace thrifty {
+namespace int8dot {
+bool has_vnni();  // attention.cpp: AVX512F / BW / VL / VNNI
+}
+
 namespace {
 
 constexpr int64_t kChunk = 32;  // values per activation scale
@@ -117,8 +129,9 @@ inline float min_term(const uint16_t* mins, const float* gsum, int64_t ng) {
 }
 
 // Per (row, token) of a tile, the product of the weight scale and the activation scale of every 32-value chunk.
+// out: R * M rows of `stride` floats.
 template <int M, int R>
-void chunk_scales(const Problem& p, int64_t n0, int64_t t0, float (*out)[kMaxChunks]) {
+void chunk_scales(const Problem& p, int64_t n0, int64_t t0, float* out, int64_t stride) {
   const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk;
   alignas(32) float s[kMaxChunks];
   for (int r = 0; r < R; ++r) {
@@ -136,7 +149,7 @@ void chunk_scales(const Problem& p, int64_t n0, int64_t t0, float (*out)[kMaxChu
     }
     for (int t = 0; t < M; ++t) {
       const float* xd = p.x->d.data() + (t0 + t) * nc;
-      float* o = out[r * M + t];
+      float* o = out + (r * M + t) * stride;
       int64_t c = 0;
       for (; c + 8 <= nc; c += 8)
         _mm256_store_ps(o + c, _mm256_mul_ps(_mm256_load_ps(s + c), _mm256_loadu_ps(xd + c)));
@@ -150,7 +163,7 @@ template <int BITS, int M, int R>
 void tile(const Problem& p, int64_t n0, int64_t t0) {
   const int64_t k = p.k, ng = k / p.group, nc = k / kChunk, row_bytes = BITS == 4 ? k / 2 : k;
   alignas(32) float sxd[R * M][kMaxChunks];
-  chunk_scales<M, R>(p, n0, t0, sxd);
+  chunk_scales<M, R>(p, n0, t0, &sxd[0][0], kMaxChunks);
   __m256 acc[R][M];
   float macc[R][M];
   const int8_t* xq[M];
@@ -223,9 +236,245 @@ void rows(const Problem& p, int64_t lo, int64_t hi) {
   for (int64_t a = lo; a < hi; a += block) rows_tile<BITS>(p, a, std::min(hi, a + block));
 }
 
+// ---- AVX512-VNNI path -----------------------------------------------------------------------------------
+// The same int8 x, multiplied with vpdpbusd (u8 x s8, 64 products an instruction) over 256-value blocks (the layout
+// at VnniX). int4 weights are u8 already; int8 weights become u8 by flipping the sign bit (w + 128), and the int32
+// accumulator starts at -128 * (the sum of the x bytes it meets), so every chunk's dot is exact as on AVX2. Rows go
+// in groups of 2 (4 for one token) whose weights stay in L1 while 8-token tiles pass over them.
+#ifndef THRIFTY_VNNI
+#define THRIFTY_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+// 64-byte aligned storage: a zmm load that straddles two cache lines costs two (malloc aligns to 16).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
+// x for the VNNI tiles. A block is 256 values, 8 chunks; its 4 vectors j = 0..3 hold, in qword c, bytes 8j..8j+7 of
+// chunk c. vpdpbusd into one int32 accumulator over the 4 vectors then leaves chunk c's sum in lanes 2c, 2c+1, so
+// a block costs 4 dpbusd, one cvt, one multiply (weight scales x x scales, both spread to 16 lanes) and one fma a
+// (row, token), against 4 x (maddubs, madd, cvt, broadcast, fma) x 2 on AVX2. K's last block may be partial: x is
+// zero there and the weights are read with masks. Step-major, so a tile's tokens sit at constant offsets.
+struct VnniX {
+  int64_t mpad;                                   // M rounded up to 8 (padding tokens are zero)
+  std::vector<int8_t, Aligned64<int8_t>> q;       // [blocks, mpad, 4, 64]
+  std::vector<int32_t, Aligned64<int32_t>> corr;  // [blocks, mpad, 16]: -128 * the lane sums of q (int8 weights)
+  std::vector<float, Aligned64<float>> d;         // [blocks, mpad, 16]: chunk c's x scale in lanes 2c, 2c + 1
+  std::vector<float, Aligned64<float>> gsum;      // [M, ngpad]: QuantizedX::gsum, each token's padded with zeros
+  int64_t ngpad;                                  // K/group rounded up to 16
+};
+
+constexpr int64_t kBlock = 256;
+
+THRIFTY_VNNI VnniX interleave_x(const QuantizedX& qx, int64_t m, int64_t k, int64_t group, bool corr) {
+  VnniX out;
+  const int64_t ng = k / group, nc = k / kChunk, nb = (k + kBlock - 1) / kBlock;
+  const int64_t mp = out.mpad = (m + 7) & ~int64_t{7};
+  out.q.assign(nb * mp * 256, 0);
+  out.d.assign(nb * mp * 16, 0.f);
+  out.ngpad = (ng + 15) & ~int64_t{15};
+  out.gsum.assign(m * out.ngpad, 0.f);
+  if (corr) out.corr.assign(nb * mp * 16, 0);
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t t = 0; t < m; ++t) {
+    std::copy(qx.gsum.begin() + t * ng, qx.gsum.begin() + (t + 1) * ng, out.gsum.begin() + t * out.ngpad);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = b * mp + t;
+      int8_t* o = out.q.data() + at * 256;
+      for (int64_t c = 0; c < 8 && 8 * b + c < nc; ++c) {
+        const int8_t* src = qx.q.data() + t * k + (8 * b + c) * kChunk;
+        for (int j = 0; j < 4; ++j) std::memcpy(o + j * 64 + c * 8, src + 8 * j, 8);
+        out.d[at * 16 + 2 * c] = out.d[at * 16 + 2 * c + 1] = qx.d[t * nc + 8 * b + c];
+      }
+      if (corr) {
+        __m512i s = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) s = _mm512_dpbusd_epi32(s, u128, _mm512_load_si512(o + j * 64));
+        _mm512_store_si512(out.corr.data() + at * 16, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+      }
+    }
+  }
+  return out;
+}
+
+struct VnniProblem {
+  const Problem* p;
+  const VnniX* x;
+};
+
+THRIFTY_VNNI inline __mmask16 first(int64_t n) {  // lanes 0 .. min(n, 16) - 1
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// n float16 values as float32 into out (rounded up to 16, the tail zero).
+THRIFTY_VNNI inline void halves(const uint16_t* src, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_store_ps(out + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n - i), src + i)));
+}
+
+// Per group of R rows, once for all its token tiles: ws [blocks, R, 16]: chunk c's weight scale in lanes 2c, 2c + 1
+// (zero past K); mf [R, ngpad]: the mins as float32 (zero past K / group).
+template <int R>
+THRIFTY_VNNI void group_prep(const VnniProblem& vp, int64_t n0, float* ws, float* mf) {
+  const Problem& p = *vp.p;
+  const VnniX& x = *vp.x;
+  const int64_t ng = p.k / p.group, nc = p.k / kChunk, per = p.group / kChunk;
+  const int64_t nb = (p.k + kBlock - 1) / kBlock;
+  alignas(64) float s[kMaxChunks + 16];
+  const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* sr = p.scales + (n0 + r) * ng;
+    if (per == 1) {
+      halves(sr, nc, s);
+    } else {
+      for (int64_t g = 0; g < ng; ++g) {
+        const float v = _cvtsh_ss(sr[g]);
+        for (int64_t j = 0; j < per; ++j) s[g * per + j] = v;
+      }
+      std::fill(s + nc, s + 8 * nb, 0.f);
+    }
+    for (int64_t b = 0; b < nb; ++b)
+      _mm512_store_ps(ws + (b * R + r) * 16,
+                      _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_load_ps(s + 8 * b))));
+    if (p.mins) halves(p.mins + (n0 + r) * ng, ng, mf + r * x.ngpad);
+  }
+}
+
+THRIFTY_VNNI inline __m512i load_part(const uint8_t* p, int64_t n) {  // n bytes (<= 0: none), the rest zero
+  if (n >= 64) return _mm512_loadu_si512(p);
+  if (n <= 0) return _mm512_setzero_si512();
+  return _mm512_maskz_loadu_epi8((~0ull) >> (64 - n), p);
+}
+
+// A row's 256-value block as the 4 u8 vectors of the layout above; `valid`: its bytes inside the row.
+template <int BITS>
+THRIFTY_VNNI inline void weight_block(const uint8_t* wr, int64_t valid, __m512i z[4]) {
+  if constexpr (BITS == 4) {  // 128 bytes: 32 per pair of chunks, byte i: chunk 2p value i (low), 2p + 1 (high)
+    const __m512i a = load_part(wr, valid), b = load_part(wr + 64, valid - 64);
+    const __m512i shift = _mm512_setr_epi64(0, 4, 0, 4, 0, 4, 0, 4), low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i idx = _mm512_setr_epi64(j, j, 4 + j, 4 + j, 8 + j, 8 + j, 12 + j, 12 + j);
+      z[j] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_permutex2var_epi64(a, idx, b), shift), low);
+    }
+  } else {  // 256 bytes, chunk c = bytes 32c..32c+31; as u8 by flipping the sign bit (w + 128)
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i w[4];
+    for (int i = 0; i < 4; ++i) w[i] = _mm512_xor_si512(load_part(wr + 64 * i, valid - 64 * i), flip);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i idx = _mm512_setr_epi64(j, 4 + j, 8 + j, 12 + j, 0, 0, 0, 0);
+      const __m512i lo = _mm512_permutex2var_epi64(w[0], idx, w[1]), hi = _mm512_permutex2var_epi64(w[2], idx, w[3]);
+      z[j] = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+    }
+  }
+}
+
+// R rows x M tokens of y, 256 values a step on vpdpbusd; ws, mf: the group's (group_prep). Each (row, token) runs
+// the same operations in the same order whatever M and the tile, so a row's y is the same bits alone and in a batch.
+template <int BITS, int M, int R>
+THRIFTY_VNNI void tile_vnni(const VnniProblem& vp, int64_t n0, int64_t t0, const float* ws, const float* mf) {
+  const Problem& p = *vp.p;
+  const VnniX& x = *vp.x;
+  const int64_t k = p.k, nb = (k + kBlock - 1) / kBlock, row_bytes = BITS == 4 ? k / 2 : k, mp = x.mpad;
+  constexpr int64_t kBlockBytes = BITS == 4 ? kBlock / 2 : kBlock;
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < M; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint8_t* w0 = p.w + n0 * row_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i z[R][4];
+    __m512 wsc[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w0 + r * row_bytes + b * kBlockBytes;
+      for (int64_t l = 0; l < kBlockBytes; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetch + l), _MM_HINT_T0);
+      weight_block<BITS>(wr, row_bytes - b * kBlockBytes, z[r]);
+      wsc[r] = _mm512_load_ps(ws + (b * R + r) * 16);
+    }
+    const int8_t* xb = x.q.data() + (b * mp + t0) * 256;
+    const float* xd = x.d.data() + (b * mp + t0) * 16;
+    const int32_t* xc = BITS == 8 ? x.corr.data() + (b * mp + t0) * 16 : nullptr;
+    for (int t = 0; t < M; ++t) {
+      __m512i xv[4];
+      for (int j = 0; j < 4; ++j) xv[j] = _mm512_load_si512(xb + t * 256 + j * 64);
+      const __m512 xs = _mm512_load_ps(xd + t * 16);
+      const __m512i start = BITS == 4 ? _mm512_setzero_si512() : _mm512_load_si512(xc + t * 16);
+      for (int r = 0; r < R; ++r) {
+        __m512i dot = start;
+        for (int j = 0; j < 4; ++j) dot = _mm512_dpbusd_epi32(dot, z[r][j], xv[j]);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wsc[r], xs), acc[r][t]);
+      }
+    }
+  }
+  if (p.mins)  // the min term, sum_g min[g] * gsum[t][g], into the same 16 lanes before they are summed
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < M; ++t)
+        for (int64_t g = 0; g < x.ngpad; g += 16)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps(mf + r * x.ngpad + g),
+                                      _mm512_load_ps(x.gsum.data() + (t0 + t) * x.ngpad + g), acc[r][t]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < M; ++t) p.put(t0 + t, n0 + r, _mm512_reduce_add_ps(acc[r][t]));
+}
+
+// A tile: kVnniTokens x kVnniRows float accumulators, 4 weight vectors a row and 4 x vectors in zmm registers.
+// Measured (0.5B shapes and Gemma's head, Zen 4, 2 threads, M = 32): 8 x 2 best or within noise of the best
+// against 4 x 2 and 6 x 2 (6 x 2 ahead on 4864->896 only); 8 x 1 15-30 % slower.
+constexpr int kVnniTokens = 8;
+constexpr int kVnniRows = 2;
+
+// Every token of rows n0 .. n0 + R - 1: tiles of kVnniTokens, then the rest in one tile. The group's weights stay
+// in L1 across the token tiles.
+template <int BITS, int R>
+THRIFTY_VNNI void group_vnni(const VnniProblem& vp, int64_t n0, float* ws, float* mf) {
+  group_prep<R>(vp, n0, ws, mf);
+  const int64_t m = vp.p->m;
+  int64_t t0 = 0;
+  for (; t0 + kVnniTokens <= m; t0 += kVnniTokens) tile_vnni<BITS, kVnniTokens, R>(vp, n0, t0, ws, mf);
+  switch (m - t0) {
+    case 1: tile_vnni<BITS, 1, R>(vp, n0, t0, ws, mf); break;
+    case 2: tile_vnni<BITS, 2, R>(vp, n0, t0, ws, mf); break;
+    case 3: tile_vnni<BITS, 3, R>(vp, n0, t0, ws, mf); break;
+    case 4: if constexpr (kVnniTokens > 4) tile_vnni<BITS, 4, R>(vp, n0, t0, ws, mf); break;
+    case 5: if constexpr (kVnniTokens > 5) tile_vnni<BITS, 5, R>(vp, n0, t0, ws, mf); break;
+    case 6: if constexpr (kVnniTokens > 6) tile_vnni<BITS, 6, R>(vp, n0, t0, ws, mf); break;
+    case 7: if constexpr (kVnniTokens > 7) tile_vnni<BITS, 7, R>(vp, n0, t0, ws, mf); break;
+    default: break;
+  }
+}
+
+// Rows [lo, hi) in groups of kVnniRows (then single rows).
+template <int BITS>
+THRIFTY_VNNI void rows_vnni(const VnniProblem& vp, int64_t lo, int64_t hi) {
+  const int64_t nb = (vp.p->k + kBlock - 1) / kBlock;
+  std::vector<float, Aligned64<float>> ws(nb * 4 * 16), mf(4 * vp.x->ngpad);
+  int64_t n = lo;
+  if (vp.p->m == 1)  // one token: 4 rows a tile, 4 weight streams in flight (as the AVX2 loop does)
+    for (; n + 4 <= hi; n += 4) group_vnni<BITS, 4>(vp, n, ws.data(), mf.data());
+  for (; n + kVnniRows <= hi; n += kVnniRows) group_vnni<BITS, kVnniRows>(vp, n, ws.data(), mf.data());
+  for (; n < hi; ++n) group_vnni<BITS, 1>(vp, n, ws.data(), mf.data());
+}
+
+// Which inner loop: path -1 auto (VNNI where the CPU has it), 1 AVX2, 2 VNNI (an error where the CPU lacks it).
+// Never chosen by M: a sequence's logits must be the same bits alone and in a batch, and the two loops sum the
+// chunk products in different orders.
+bool use_vnni(int64_t path) {
+  TORCH_CHECK(path == -1 || path == 1 || path == 2, "qgemv: path is -1 (auto), 1 (avx2) or 2 (vnni)");
+  if (path == 1) return false;
+  TORCH_CHECK(path == -1 || int8dot::has_vnni(), "qgemv: the VNNI path needs AVX512F / BW / VL / VNNI");
+  return int8dot::has_vnni();
+}
+
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                  const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias, int64_t bits,
-                 int64_t group) {
+                 int64_t group, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "qgemv: x must be a contiguous [M, K] float32 or bf16 tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "qgemv: bits must be 4 or 8");
@@ -244,6 +493,7 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
     bias_f = bias->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({m, n}, x.options());
+  const bool vnni = use_vnni(path);
   const QuantizedX qx = x.scalar_type() == at::kFloat ? quantize_x(x.data_ptr<float>(), m, k, group)
                                                       : quantize_x(x.data_ptr<at::BFloat16>(), m, k, group);
   const Problem p{static_cast<const uint8_t*>(w.data_ptr()),
@@ -252,6 +502,15 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
                   &qx, y.data_ptr(), x.scalar_type() == at::kBFloat16,
                   bias ? bias_f.data_ptr<float>() : nullptr, m, n, k, group};
   // split rows in multiples of 4 so each thread keeps the 4-row tiles
+  if (vnni) {
+    const VnniX vx = interleave_x(qx, m, k, group, bits == 8);
+    const VnniProblem vp{&p, &vx};
+    at::parallel_for(0, (n + 3) / 4, 16, [&](int64_t lo, int64_t hi) {
+      const int64_t a = lo * 4, b = std::min(n, hi * 4);
+      if (bits == 4) rows_vnni<4>(vp, a, b); else rows_vnni<8>(vp, a, b);
+    });
+    return y;
+  }
   at::parallel_for(0, (n + 3) / 4, 16, [&](int64_t lo, int64_t hi) {
     const int64_t a = lo * 4, b = std::min(n, hi * 4);
     if (bits == 4) rows<4>(p, a, b); else rows<8>(p, a, b);
@@ -324,7 +583,8 @@ at::Tensor qdequant(const at::Tensor& w, const at::Tensor& scales, const std::op
 }  // namespace thrifty
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
-  lib.def("qgemv(Tensor x, Tensor w, Tensor scales, Tensor? mins, Tensor? bias, int bits, int group) -> Tensor");
+  lib.def("qgemv(Tensor x, Tensor w, Tensor scales, Tensor? mins, Tensor? bias, int bits, int group, int path=-1) "
+          "-> Tensor");
   lib.def("qdequant(Tensor w, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
 }
 
