@@ -3,6 +3,9 @@ torch reference on the same quantized cache, and the engine on every KV dtype (p
 preemption, speculative decoding give the outputs a plain run with the same KV dtype gives)."""
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 
@@ -99,7 +102,9 @@ def decode_case(dtype: torch.dtype, window: int | None):
         c.write(k, v, slots)
         exact.write(k, v, slots)
     q = torch.randn(len(lens), 8, 64)
-    out = native.decode_attention(q, c.k, c.v, tables, lens, 0.125, window, c.k_scale, c.v_scale, c.k_channel)
+    # the float kernel (exact against the reference over the same codes); the integer dot has its own tests below
+    out = native.decode_attention(q, c.k, c.v, tables, lens, 0.125, window, c.k_scale, c.v_scale, c.k_channel,
+                                  int8_dot="float")
     return c, exact, q, tables, lens, out
 
 
@@ -130,7 +135,7 @@ def test_native_decode_reads_the_quantized_cache(dtype, window):
 def test_native_decode_of_a_bf16_query_over_int8():
     c, _, q, tables, lens, _ = decode_case(torch.int8, None)
     out = native.decode_attention(q.bfloat16(), c.k, c.v, tables, lens, 0.125, None, c.k_scale, c.v_scale,
-                                  c.k_channel)
+                                  c.k_channel, int8_dot="float")
     torch.testing.assert_close(out.float(), attend(c, q.bfloat16().float(), tables, lens, None), rtol=0.02, atol=0.02)
 
 
@@ -165,10 +170,18 @@ KV_DTYPES = ["bfloat16", *QUANT]
 
 @pytest.fixture(scope="module", params=KV_DTYPES)
 def kv_alone(request, tiny_gguf):
-    """(kv dtype, prompts, each prompt's greedy output run alone in an engine with that KV dtype)."""
-    engine = make_engine(tiny_gguf, enable_prefix_caching=False, kv_cache_dtype=request.param)
+    """(kv dtype, prompts, alone): alone(kernels) is each prompt's greedy output run alone in an engine with that
+    KV dtype on those kernels (computed once per kernel set: the native int8 integer dot rounds q, the torch
+    reference does not, so each set is compared with itself)."""
     prompts = mixed_prompts(12, seed=3, shared_prefix=40)
-    return request.param, prompts, [run_all(engine, [p])[0] for p in prompts]
+    outputs: dict[str, list] = {}
+
+    def alone(kernels: str = "native") -> list:
+        if kernels not in outputs:
+            engine = make_engine(tiny_gguf, enable_prefix_caching=False, kv_cache_dtype=request.param)
+            outputs[kernels] = [run_all(engine, [p])[0] for p in prompts]
+        return outputs[kernels]
+    return request.param, prompts, alone
 
 
 @pytest.fixture(params=["native", "torch"])
@@ -187,7 +200,8 @@ def kernels(request, monkeypatch):
     dict(num_kv_blocks=40, block_size=4),                              # forced preemption
 ], ids=["batched", "prefix-cache", "chunked", "preemption"])
 def test_batch_matches_alone_on_every_kv_dtype(tiny_gguf, kv_alone, options, kernels):
-    kv_dtype, prompts, expected = kv_alone
+    kv_dtype, prompts, alone = kv_alone
+    expected = alone(kernels)
     engine = make_engine(tiny_gguf, kv_cache_dtype=kv_dtype, **options)
     assert run_all(engine, prompts) == expected
     if options.get("num_kv_blocks"):
@@ -197,7 +211,8 @@ def test_batch_matches_alone_on_every_kv_dtype(tiny_gguf, kv_alone, options, ker
 
 
 def test_prefix_hit_equals_cold_run(tiny_gguf, kv_alone):
-    kv_dtype, prompts, expected = kv_alone
+    kv_dtype, prompts, alone = kv_alone
+    expected = alone()
     engine = make_engine(tiny_gguf, kv_cache_dtype=kv_dtype, block_size=4)
     assert run_all(engine, prompts[:1]) == expected[:1]
     again = engine.run(prompts[:1], [GREEDY])[0]
@@ -220,6 +235,27 @@ def test_speculative_equals_plain_on_quantized_kv(tiny_gguf, kv_dtype, options):
         assert engine.stats.preemptions > 0
 
 
+@needs_native
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_scoring_through_the_decode_kernel_matches_the_prefill(tiny_gguf, kv_dtype):
+    """bench kv's decode-attention perplexity: every position attends as a decode of its own prefix, and with the
+    float kernel reading the same cache it gives the prefill's log-probs."""
+    from thrifty.bench.ppl import sequence_logprobs
+    from thrifty.engine import kv_calibration
+    from thrifty.models.loader import load
+
+    loaded = load(tiny_gguf, dtype=torch.float32)
+    k_transform = kv_calibration.calibrate(loaded) if kv_dtype == torch.int8 else None
+    ids = torch.randint(0, loaded.config.vocab_size, (70,)).tolist()
+    prefill = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform)
+    with mock.patch.dict(os.environ, {"THRIFTY_KV_INT8_DOT": "float"}):
+        decodes = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes=True)
+    torch.testing.assert_close(decodes, prefill, atol=2e-4, rtol=0)
+    if kv_dtype == torch.int8:     # the integer dot rounds q to int8: close, not equal
+        dot = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes=True)
+        assert 0 < float((dot - prefill).abs().max()) < 0.1
+
+
 # ---- the benchmark ---------------------------------------------------------------------------------------
 def test_bench_kv_writes_the_tables_and_json(tmp_path, capsys):
     import json
@@ -238,6 +274,8 @@ def test_bench_kv_writes_the_tables_and_json(tmp_path, capsys):
     rows = {r["kv_dtype"]: r for r in report["rows"]}
     assert list(rows) == ["bfloat16", "int8", "fp8_e4m3"]
     assert rows["bfloat16"]["kl_vs_bf16"] == 0 and rows["int8"]["kl_vs_bf16"] > 0
+    assert rows["bfloat16"]["kl_decode_attn_vs_bf16"] == 0 and rows["int8"]["kl_decode_attn_vs_bf16"] > 0
+    assert rows["bfloat16"]["ppl_decode_attn_vs_bf16"] == 0 and "decode-attn ppl vs bf16" in out
     # the tiny model's head_dim is 32: (32 + 2) / 64 = 0.53 (0.52 at the real models' 64)
     assert rows["int8"]["bytes_vs_bf16"] < 0.54 and rows["int8"]["sequences_in_budget"]["100"] > \
         1.8 * rows["bfloat16"]["sequences_in_budget"]["100"]
@@ -246,7 +284,7 @@ def test_bench_kv_writes_the_tables_and_json(tmp_path, capsys):
     assert all(d["decode_tok_s"] > 0 for d in report["decode"])
 
 
-# ---- the integer dot for K over an int8 cache (csrc/int8_dot.h; off by default) -------------------------------
+# ---- the integer dot for K over an int8 cache (csrc/int8_dot.h; THRIFTY_KV_INT8_DOT, default auto) --------------
 @needs_native
 @pytest.mark.parametrize("window", [None, 50])
 def test_int8_dot_paths_agree_and_stay_near_the_reference(window):
@@ -259,7 +297,8 @@ def test_int8_dot_paths_agree_and_stay_near_the_reference(window):
     # folded into q leaves the other channels few levels: measured max 0.19 (None) / 0.086 (window 50)
     err = float((portable - attend(c, q, tables, lens, window)).abs().max())
     assert err < 0.3, err
-    assert torch.equal(native.decode_attention(*args), native.decode_attention(*args, int8_dot="float"))
+    default = "vnni" if native.has_vnni() else "portable"     # THRIFTY_KV_INT8_DOT unset: auto
+    assert torch.equal(native.decode_attention(*args), native.decode_attention(*args, int8_dot=default))
 
 
 @needs_native

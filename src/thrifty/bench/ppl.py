@@ -22,13 +22,16 @@ from thrifty.quantizers.prefill import prefill_meta
 
 @torch.inference_mode()
 def sequence_logprobs(model, config, ids: list[int], kv_dtype: torch.dtype | None = None,
-                      k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      k_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      as_decodes: bool = False) -> torch.Tensor:
     """log-softmax [len - 1, vocab] (float32) of the predictions for tokens 1..len-1. `kv_dtype`: the KV cache's
     storage (default: the model's dtype; int8 / fp8 with `k_transform`, as the engine does), read by every
-    attention."""
+    attention; `as_decodes`: each position attends through the decode kernel (the path generated tokens take)
+    instead of the prefill's."""
     device = next(model.parameters()).device
     dtype = model.model.norm.weight.dtype   # the compute dtype (an int8 head's tied table is no dense weight)
-    meta = prefill_meta(config, [len(ids)], kv_dtype or dtype, device, k_transform=k_transform)
+    meta = prefill_meta(config, [len(ids)], kv_dtype or dtype, device, k_transform=k_transform,
+                       rows_as_decodes=as_decodes)
     with set_forward_context(meta):
         hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
     return torch.log_softmax(model.compute_logits(hidden[:-1]).float(), dim=-1)
@@ -50,9 +53,9 @@ class EvalSet:
 
 
 def score(loaded, evalset: EvalSet, keep_as_reference: bool = False, progress: bool = True,
-          label: str = "", kv_dtype: torch.dtype | None = None) -> dict:
+          label: str = "", kv_dtype: torch.dtype | None = None, as_decodes: bool = False) -> dict:
     """ppl (all, code, prose), mean KL vs the reference held in `evalset` (None when there is none), bytes.
-    `kv_dtype`: the KV cache's storage dtype (default: the model's)."""
+    `kv_dtype`: the KV cache's storage dtype (default: the model's); `as_decodes`: see sequence_logprobs."""
     from thrifty.engine import kv_calibration
     from thrifty.ops.kv_quant import is_quantized
 
@@ -65,7 +68,7 @@ def score(loaded, evalset: EvalSet, keep_as_reference: bool = False, progress: b
     with tqdm(total=total, desc=f"eval {label}".strip(), unit="window", disable=not progress, leave=False) as bar:
         for domain, windows in evalset.windows.items():
             for i, ids in enumerate(windows):
-                lp = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform)
+                lp = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes)
                 target = torch.tensor(ids[1:], device=lp.device)
                 nll[domain] -= float(lp.gather(1, target[:, None]).sum())
                 count[domain] += len(ids) - 1

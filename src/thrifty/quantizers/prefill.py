@@ -12,9 +12,11 @@ BLOCK = 16
 
 def prefill_meta(config, lengths: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
                  shared_layers: bool = False,
-                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionMetadata:
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 rows_as_decodes: bool = False) -> AttentionMetadata:
     """Metadata (and a fresh KV cache) for whole sequences run as one prefill each. `dtype`: the KV cache's
-    storage; `k_transform`: an int8 / fp8 cache's K shift and divisor (engine/kv_calibration.py)."""
+    storage; `k_transform`: an int8 / fp8 cache's K shift and divisor (engine/kv_calibration.py);
+    `rows_as_decodes`: every row attends through the decode kernel, as if decoded one token at a time."""
     blocks = [-(-n // BLOCK) for n in lengths]
     layers = 1 if shared_layers else config.num_layers
     spec = KVCacheSpec(layers, config.num_kv_heads, config.head_dim, BLOCK, sum(blocks), dtype)
@@ -24,4 +26,4 @@ def prefill_meta(config, lengths: list[int], dtype: torch.dtype, device: torch.d
     for b in blocks:
         tables.append(list(range(start, start + b)))
         start += b
-    return AttentionMetadata.build(tables, lengths, lengths, BLOCK, caches, device)
+    return AttentionMetadata.build(tables, lengths, lengths, BLOCK, caches, device, rows_as_decodes)
