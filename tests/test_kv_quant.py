@@ -236,21 +236,27 @@ def test_speculative_equals_plain_on_quantized_kv(tiny_gguf, kv_dtype, options):
 
 
 @needs_native
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8, torch.float16])
 def test_scoring_through_the_decode_kernel_matches_the_prefill(tiny_gguf, kv_dtype):
     """bench kv's decode-attention perplexity: every position attends as a decode of its own prefix, and with the
-    float kernel reading the same cache it gives the prefill's log-probs."""
+    float kernel reading the same cache it gives the prefill's log-probs. A float16 cache, which the native
+    kernel does not take, falls back to attention over the cache's stored (rounded) values."""
     from thrifty.bench.ppl import sequence_logprobs
     from thrifty.engine import kv_calibration
     from thrifty.models.loader import load
 
     loaded = load(tiny_gguf, dtype=torch.float32)
     k_transform = kv_calibration.calibrate(loaded) if kv_dtype == torch.int8 else None
+    torch.manual_seed(5)
     ids = torch.randint(0, loaded.config.vocab_size, (70,)).tolist()
     prefill = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform)
     with mock.patch.dict(os.environ, {"THRIFTY_KV_INT8_DOT": "float"}):
         decodes = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes=True)
-    torch.testing.assert_close(decodes, prefill, atol=2e-4, rtol=0)
+    if kv_dtype == torch.float16:    # the prefill attends over the step's unrounded K/V, this over the stored ones
+        err = float((decodes - prefill).abs().max())
+        assert 0 < err < 5e-3, err   # measured 1.0e-3 .. 1.9e-3 over 8 seeds
+    else:
+        torch.testing.assert_close(decodes, prefill, atol=2e-4, rtol=0)
     if kv_dtype == torch.int8:     # the integer dot rounds q to int8: close, not equal
         dot = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes=True)
         assert 0 < float((dot - prefill).abs().max()) < 0.1

@@ -41,12 +41,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         out[:meta.num_decodes] = _decode(q[:meta.num_decodes], cache, meta, scale, window)
     for i, span in enumerate(meta.prefills):
         qs = q[span.start:span.end]
-        if meta.rows_as_decodes or _as_decodes(qs, cache, span):
+        if _native_decodes(qs, cache) and (meta.rows_as_decodes or _as_decodes(qs, span)):
             out[span.start:span.end] = _chunk_as_decodes(qs, cache, span, scale, window)
             continue
         if span.slots is not None:
             ks, vs = cache.read(span.slots, q.dtype)
-        elif cache.quantized:
+        elif cache.quantized or meta.rows_as_decodes:     # as decodes would: attend over what the cache stores
             ks, vs = cache.read(meta.slot_mapping[span.start:span.end], q.dtype)
         else:
             ks, vs = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
@@ -57,9 +57,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 CHUNK_AS_DECODES = 32   # chunks up to this many tokens after a cached prefix run as decodes
 
 
-def _as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan) -> bool:
-    return (span.blocks is not None and q.shape[0] <= CHUNK_AS_DECODES and native.runs(q) and cache.native_reads()
-            and q.shape[-1] % 8 == 0)
+def _native_decodes(q: torch.Tensor, cache: LayerKVCache) -> bool:
+    """The native decode kernel takes these queries over this cache (float16 caches, for one, it does not)."""
+    return native.runs(q) and cache.native_reads() and q.shape[-1] % 8 == 0
+
+
+def _as_decodes(q: torch.Tensor, span: PrefillSpan) -> bool:
+    return span.blocks is not None and q.shape[0] <= CHUNK_AS_DECODES
 
 
 def _chunk_as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan, scale: float,
@@ -75,7 +79,7 @@ def _chunk_as_decodes(q: torch.Tensor, cache: LayerKVCache, span: PrefillSpan, s
 def _decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
             window: int | None) -> torch.Tensor:
     b, h, d = q.shape
-    if native.runs(q) and cache.native_reads() and d % 8 == 0:    # one fused kernel over the blocks
+    if _native_decodes(q, cache):                                  # one fused kernel over the blocks
         return native.decode_attention(q, cache.k, cache.v, meta.decode_blocks, meta.decode_context_lens, scale,
                                        window, cache.k_scale, cache.v_scale,
                                    cache.k_channel)
