@@ -257,9 +257,9 @@ def test_scoring_through_the_decode_kernel_matches_the_prefill(tiny_gguf, kv_dty
         assert 0 < err < 5e-3, err   # measured 1.0e-3 .. 1.9e-3 over 8 seeds
     else:
         torch.testing.assert_close(decodes, prefill, atol=2e-4, rtol=0)
-    if kv_dtype == torch.int8:     # the integer dot rounds q to int8: close, not equal
+    if kv_dtype == torch.int8:     # the integer dot rounds q to two int8 terms: close, not equal
         dot = sequence_logprobs(loaded.model, loaded.config, ids, kv_dtype, k_transform, as_decodes=True)
-        assert 0 < float((dot - prefill).abs().max()) < 0.1
+        assert 0 < float((dot - prefill).abs().max()) < 0.01
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------
@@ -299,11 +299,12 @@ def test_int8_dot_paths_agree_and_stay_near_the_reference(window):
     portable = native.decode_attention(*args, int8_dot="portable")
     if native.has_vnni():   # the same integer dots and float ops in the same order: bit for bit
         assert torch.equal(native.decode_attention(*args, int8_dot="vnni"), portable)
-    # only the query's int8 rounding differs from float attention over the same codes; the 20x outlier channel
-    # folded into q leaves the other channels few levels: measured max 0.19 (None) / 0.086 (window 50)
+    # only the query's rounding to two int8 terms differs from float attention over the same codes: measured max
+    # 9.1e-4 (None) / 2.3e-3 (window 50); one int8 term, with the 20x outlier channel folded into q leaving the
+    # other channels few levels, gave 0.19 / 0.086
     err = float((portable - attend(c, q, tables, lens, window)).abs().max())
-    assert err < 0.3, err
-    default = "vnni" if native.has_vnni() else "portable"     # THRIFTY_KV_INT8_DOT unset: auto
+    assert err < 0.01, err
+    default = "vnni" if native.has_vnni() else "float"     # THRIFTY_KV_INT8_DOT unset: auto
     assert torch.equal(native.decode_attention(*args), native.decode_attention(*args, int8_dot=default))
 
 
@@ -323,4 +324,4 @@ def test_int8_dot_over_gqa_ratios(heads):
     if native.has_vnni():
         assert torch.equal(native.decode_attention(*args, int8_dot="vnni"), portable)
     err = float((portable - attend(c, q, tables, lens, None)).abs().max())
-    assert err < 0.3, err
+    assert err < 0.01, err     # measured 1.0e-3 / 2.1e-3 / 3.1e-3 for 2 / 14 / 32 heads

@@ -322,7 +322,7 @@ def run(sets: list[str], half: str = "tune", second: str | None = "all-mpnet-bas
     if classifier is not None:
         latency["classifier (features given)"] = sentence_latency(lambda t: classifier.score(_numeric(rows[:1])),
                                                                   texts)
-    return {"half": half, "sets": sets, "second": second, "train": str(train) if train else None,
+    return {"half": half, "sets": sets, "second": second, "train": Path(train).name if train else None,
             "train_pairs": len(train_rows), "max_false": max_false, "hardware": hardware_info(), "table": tab,
             "latency": latency, "classifier": None if classifier is None else
             {"mean": classifier.mean.tolist(), "scale": classifier.scale.tolist(),

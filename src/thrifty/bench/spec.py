@@ -203,7 +203,8 @@ def _against_plain(rows: list[dict]) -> list[dict]:
 def _llamacpp_rows(cfg: SpecBenchConfig, cells: list) -> list[dict]:
     from thrifty.bench.spec_peer import run_method
 
-    by_method = [run_method(cfg.model, cfg.draft, m, cells, cfg.num_tokens, cfg.output_len, cfg.threads)
+    by_method = [run_method(cfg.model, cfg.draft, m, cells, cfg.num_tokens, cfg.output_len, cfg.threads,
+                            cfg.ngram_max)
                  for m in tqdm(cfg.methods, desc="llama-server", disable=not cfg.progress)]
     return [row for cell_rows in zip(*by_method) for row in _against_plain(list(cell_rows))]
 
@@ -241,8 +242,10 @@ def format_report(report: dict) -> str:
         for v in report["vs_llamacpp"]:
             p = peer[(v["workload"], v["batch"], v["method"])]
             rate = p.get("acceptance_rate")
+            drafted = "" if v["method"] == "off" else "none drafted"
             rows.append([v["workload"], v["batch"], v["method"], fmt(v["thrifty_tok_s"]), fmt(v["llamacpp_tok_s"]),
-                         f"{v['ratio']:.2f}", f"{p['speedup']:.2f}", "" if rate is None else f"{rate:.2f}",
+                         f"{v['ratio']:.2f}", f"{p['speedup']:.2f}", drafted if rate is None else
+                         f"{rate:.2f} of {p['num_draft_tokens']}",
                          "yes" if p["identical"] else "NO"])
         text += "\n\n### beside llama.cpp's llama-server (same GGUFs, same prompts)\n\n" + markdown_table(header, rows)
     return text

@@ -3,7 +3,8 @@ files (target, and the draft's for method draft), the same token ids as prompts,
 tokens per request (ignore_eos), `batch` parallel slots with `batch` requests in flight.
 
 Methods map onto llama-server's own: off = no speculation; ngram = `--spec-type ngram-simple` drafting
-`num_tokens` tokens (its lookup length left at its default); draft = `--spec-type draft-simple` with the draft
+`num_tokens` tokens after a match of the last `ngram_n` tokens (thrifty's ngram_max; llama-server's default
+looks up 12 tokens, which on a 64-token answer almost never matches: 0 drafts in a first smoke run); draft = `--spec-type draft-simple` with the draft
 GGUF and `--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 /
 Q8_0 for the zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so
 the report checks each llama-server method against llama-server without speculation, not against thrifty.
@@ -24,12 +25,13 @@ from thrifty.errors import ThriftyError
 SLOT_MARGIN = 64   # context per slot beyond the longest prompt and its output
 
 
-def spec_argv(method: str, num_tokens: int, draft_path: Path | None, threads: int) -> list[str]:
+def spec_argv(method: str, num_tokens: int, draft_path: Path | None, threads: int, ngram_n: int = 4) -> list[str]:
     """llama-server's flags for one of `thrifty bench spec`'s methods."""
     if method == "off":
         return []
     if method == "ngram":
-        return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-m", str(num_tokens)]
+        return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
+                "--spec-ngram-simple-size-m", str(num_tokens)]
     if method == "draft":
         if draft_path is None:
             raise ThriftyError("llama-server's draft method needs the draft's GGUF", "pass --draft")
@@ -65,7 +67,7 @@ def run_cell(root: str, prompts: list[list[int]], batch: int, output_len: int) -
 
 
 def run_method(model: str, draft: str | None, method: str, cells: list[tuple[str, int, list[list[int]]]],
-               num_tokens: int, output_len: int, threads: int | None) -> list[dict]:
+               num_tokens: int, output_len: int, threads: int | None, ngram_n: int = 4) -> list[dict]:
     """One llama-server for `method`, its slots as many as the largest batch; a row per (workload, batch)."""
     from thrifty.models import zoo
 
@@ -79,7 +81,7 @@ def run_method(model: str, draft: str | None, method: str, cells: list[tuple[str
     draft_path = paths.get(draft) if method == "draft" else None
     port = peers.free_port()
     spec = peers.llama_server_spec(paths[model], model, threads, port, slots=slots, slot_ctx=slot_ctx)
-    spec.argv += spec_argv(method, num_tokens, draft_path, threads)
+    spec.argv += spec_argv(method, num_tokens, draft_path, threads, ngram_n)
     rows = []
     with tempfile.TemporaryDirectory(prefix="thrifty-bench-spec-") as tmp, \
             peers.ServerProcess(spec, port, Path(tmp) / "llama-server.log") as server:

@@ -98,5 +98,6 @@ def calibration_windows(tokenizer, samples: int, seq_len: int, seed: int = 0) ->
 
 
 def describe() -> dict:
-    return {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
+    # the stdlib's version names the text; its folder is this machine's business and stays out of reports
+    return {"python": sys.version.split()[0], "stdlib": f"python {sys.version.split()[0]} stdlib",
             "split": f"sha256('thrifty-eval:'+key)[0] < {EVAL_BYTE} -> evaluation"}
