@@ -33,6 +33,16 @@ def test_bench_spec_methods_are_checked(long_context_tiny):
         SpecBenchConfig(model=long_context_tiny, methods=["ngram"])
 
 
+def test_bench_spec_command_says_it_draws_no_plot(long_context_tiny, tmp_path, capsys):
+    from thrifty.cli import main
+
+    png = tmp_path / "spec.png"
+    assert main(["bench", "spec", "--model", long_context_tiny, "--methods", "off,ngram", "--workloads", "code-edit",
+                 "--batch", "1", "--requests", "2", "--output-len", "3", "--dtype", "float32", "--kv-cache-memory",
+                 "0.02", "--no-progress", "--plot", str(png)]) == 0
+    assert "no plot for `bench spec`" in capsys.readouterr().err and not png.exists()
+
+
 def test_spec_equality_counts_identical_outputs(long_context_tiny):
     from thrifty.bench.spec_equality import format_report, run_equality
 

@@ -4,7 +4,10 @@ The integer-dot kernel (csrc/int8_dot.h) computes q . k exactly over int8 codes,
 attention over the same cache is the query's rounding. Here that rounding is simulated in float (q rounded,
 then the float kernel over the int8 cache), for several designs, and the held-out text is scored with every
 position attending through the decode kernel, as `thrifty bench kv`'s decode-attn columns do. The row "kernel"
-is the real integer dot; "per head" simulates it and should match it.
+is the integer dot as built (one int8 term per head until cb1f974, two terms since); "per head" simulates the
+one-term design, "two int8 terms per head" the current one. Gemma's bf16 compute is itself chaotic at this scale
+(its prefill and decode attention paths differ by KL 0.0024 over the same bf16 cache), so differences below
+~0.005 in KL between rows are noise.
 
     PYTHONPATH=src python query_rounding.py gemma-3-270m
 """

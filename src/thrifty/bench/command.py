@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from thrifty.errors import InvalidRequestError
 from thrifty.models.lm_head import FLAG_HELP as LM_HEAD_HELP, LM_HEADS
@@ -235,8 +236,6 @@ def run(args: argparse.Namespace) -> None:
         print(format_report(report))
         plot = None
     elif args.bench_command == "window":
-        import sys
-
         import torch
 
         from thrifty.bench.window import run_window_bench, summary
@@ -259,5 +258,9 @@ def run(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"unknown bench command {args.bench_command}", "", param="bench_command")
     if args.json:
         print(f"\nwrote {rep.write_json(args.json, report)}")
-    if getattr(args, "plot", None) and plot is not None:
-        print(f"wrote {plot(report, args.plot)}")
+    if getattr(args, "plot", None):
+        if plot is None:     # said, not silently skipped: the user asked for a file that will not appear
+            print(f"no plot for `bench {args.bench_command}` (its tables and --json carry the results); "
+                  f"{args.plot} not written", file=sys.stderr)
+        else:
+            print(f"wrote {plot(report, args.plot)}")
