@@ -5,8 +5,9 @@ tokens per request (ignore_eos), `batch` parallel slots with `batch` requests in
 Methods map onto llama-server's own: off = no speculation; ngram = `--spec-type ngram-simple` drafting
 `num_tokens` tokens after a match of the last `ngram_n` tokens (thrifty's ngram_max; llama-server's default is
 12). With either, llama-server drafted nothing on this bench's workloads in the 2026-12-05 runs (the report says
-"none drafted"); why was not found. draft = `--spec-type draft-simple` with the draft GGUF and `--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 /
-Q8_0 for the zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so
+"none drafted"); why was not found. draft = `--spec-type draft-simple` with the draft GGUF and
+`--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 / Q8_0 for
+the zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so
 the report checks each llama-server method against llama-server without speculation, not against thrifty.
 """
 from __future__ import annotations
