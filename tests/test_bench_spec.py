@@ -117,9 +117,11 @@ def test_bench_spec_beside_llama_server(long_context_tiny, tmp_path, monkeypatch
     assert len(started) == 3    # one server per method, its slots the largest batch
     assert all(a[a.index("--parallel") + 1] == "2" for a in started)
     assert started[2][started[2].index("--spec-draft-n-max") + 1] == "3"
-    # n-gram: drafts num_tokens after a match of thrifty's longest n-gram (not llama-server's 12-token default)
+    # n-gram: num_tokens drafted after a match of thrifty's longest n-gram, cut to num_tokens (llama-server's
+    # ngram-simple drafts nothing when its draft length is below its lookup length)
+    assert cfg.ngram_max == 4
     assert started[1][started[1].index("--spec-ngram-simple-size-m") + 1] == "3"
-    assert started[1][started[1].index("--spec-ngram-simple-size-n") + 1] == str(cfg.ngram_max)
+    assert started[1][started[1].index("--spec-ngram-simple-size-n") + 1] == "3"
     assert "beside llama.cpp" in format_report(report)
 
 

@@ -3,9 +3,10 @@ files (target, and the draft's for method draft), the same token ids as prompts,
 tokens per request (ignore_eos), `batch` parallel slots with `batch` requests in flight.
 
 Methods map onto llama-server's own: off = no speculation; ngram = `--spec-type ngram-simple` drafting
-`num_tokens` tokens after a match of the last `ngram_n` tokens (thrifty's ngram_max; llama-server's default is
-12). With either, llama-server drafted nothing on this bench's workloads in the 2026-12-05 runs (the report says
-"none drafted"); why was not found. draft = `--spec-type draft-simple` with the draft GGUF and
+`num_tokens` tokens after a match of the last min(ngram_n, num_tokens) tokens (ngram_n: thrifty's ngram_max;
+llama-server's default is 12): its ngram-simple never drafts fewer tokens than its lookup length (size m < size n
+drafts nothing, which is what a first run with n 4, m 3 measured). draft = `--spec-type draft-simple` with the
+draft GGUF and
 `--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 / Q8_0 for
 the zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so
 the report checks each llama-server method against llama-server without speculation, not against thrifty.
@@ -31,7 +32,8 @@ def spec_argv(method: str, num_tokens: int, draft_path: Path | None, threads: in
     if method == "off":
         return []
     if method == "ngram":
-        return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
+        # llama.cpp's ngram-simple returns no draft when its draft length m is below its lookup length n
+        return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(min(ngram_n, num_tokens)),
                 "--spec-ngram-simple-size-m", str(num_tokens)]
     if method == "draft":
         if draft_path is None:
