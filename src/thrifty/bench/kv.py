@@ -212,9 +212,8 @@ def targets(report: dict) -> list[dict]:
     for fmt_name, limit in (("int8", 0.003), ("fp8_e4m3", 0.01)):
         if fmt_name in rows:
             for key, path in (("ppl_vs_bf16", ""), ("ppl_decode_attn_vs_bf16", ", decode attention")):
-                v = rows[fmt_name].get(key)
-                if v is not None:
-                    check(f"{fmt_name} ppl within +{limit:.1%} of bf16 KV{path}", f"{v:+.3%}", v <= limit)
+                v = rows[fmt_name][key]
+                check(f"{fmt_name} ppl within +{limit:.1%} of bf16 KV{path}", f"{v:+.3%}", v <= limit)
     for name, r in rows.items():
         if name != REFERENCE:
             check(f"{name} greedy identical >= 18/20", f"{r['greedy_identical']}/{r['greedy_prompts']}",

@@ -2,14 +2,13 @@
 files (target, and the draft's for method draft), the same token ids as prompts, greedy, exactly `output_len`
 tokens per request (ignore_eos), `batch` parallel slots with `batch` requests in flight.
 
-Methods map onto llama-server's own: off = no speculation; ngram = `--spec-type ngram-simple` drafting
-`num_tokens` tokens after a match of the last min(ngram_n, num_tokens) tokens (ngram_n: thrifty's ngram_max;
-llama-server's default is 12): its ngram-simple never drafts fewer tokens than its lookup length (size m < size n
-drafts nothing, which is what a first run with n 4, m 3 measured). draft = `--spec-type draft-simple` with the
-draft GGUF and
-`--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 / Q8_0 for
-the zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so
-the report checks each llama-server method against llama-server without speculation, not against thrifty.
+Methods map onto llama-server's own: off = no speculation; ngram = `--spec-type ngram-simple` drafting `num_tokens`
+tokens after a match of the last min(ngram_n, num_tokens) tokens (ngram_n: thrifty's ngram_max; llama-server's
+default is 12): its ngram-simple never drafts fewer tokens than its lookup length (size m < size n drafts nothing,
+which is what a first run with n 4, m 3 measured). draft = `--spec-type draft-simple` with the draft GGUF and
+`--spec-draft-n-max num_tokens`. llama.cpp runs each GGUF in its own quantized blocks (Q4_K_M / Q5_0 / Q8_0 for the
+zoo's files) where thrifty runs the format `--weights` names: the rows compare engines, not bits, so the report
+checks each llama-server method against llama-server without speculation, not against thrifty.
 """
 from __future__ import annotations
 

@@ -176,8 +176,8 @@ def act_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
 # ---- paged attention (reference: thrifty.ops.attention) ------------------------------------------------
 # How an int8 KV cache is read (csrc/int8_dot.h): the integer dot for K with the query rounded to two int8 terms
 # per head, on AVX512-VNNI (auto, the default, where the CPU has it; the float kernel elsewhere), its portable
-# twin forced, or the float kernel. The 0.5B, 2 Zen 4 cores, batch 8: decode 1.61x bf16 KV at 8k context,
-# 1.06x at 512 (results/2026-12-05-epyc-zen4-2core-kv); the float kernel is the slow, obvious path tests compare to.
+# twin forced, or the float kernel. The 0.5B, 2 Zen 4 cores, batch 8: decode 1.43x bf16 KV at 8k context,
+# 1.05x at 512 (results/2026-12-05-epyc-zen4-2core-kv); the float kernel is the slow, obvious path tests compare to.
 INT8_DOT = {"auto": -1, "float": 0, "portable": 1, "vnni": 2}
 
 

@@ -98,6 +98,6 @@ def calibration_windows(tokenizer, samples: int, seq_len: int, seed: int = 0) ->
 
 
 def describe() -> dict:
-    # the stdlib's version names the text; its folder is this machine's business and stays out of reports
-    return {"python": sys.version.split()[0], "stdlib": f"python {sys.version.split()[0]} stdlib",
+    # the Python version names the stdlib text; its folder is this machine's business and stays out of reports
+    return {"python": sys.version.split()[0], "stdlib": "Lib/**/*.py of that Python",
             "split": f"sha256('thrifty-eval:'+key)[0] < {EVAL_BYTE} -> evaluation"}
