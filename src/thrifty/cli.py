@@ -44,9 +44,15 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="auto",
                    help="weight format: auto, bf16, fp32, int8, int4[-g32|-g64|-g128], fp8, gguf, or a quantized DIR")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _enforce_eager_flag(p)
     _lm_head_flag(p, "auto")
     _kv_cache_dtype_flag(p, "auto")
     _speculative_flags(p)
+
+
+def _enforce_eager_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: run every decode step eagerly, never as a replayed CUDA graph")
 
 
 def _lm_head_flag(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -95,7 +101,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = LLMEngine.from_model(args.model, dtype=args.dtype, kv_cache_memory=0.25, max_num_seqs=1,
                                    weights=args.weights, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
-                                   lm_head=args.lm_head,
+                                   lm_head=args.lm_head, enforce_eager=bool(args.enforce_eager),
                                    speculative=_speculative_section(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
@@ -118,6 +124,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the config's engine.device, else auto)")
+    _enforce_eager_flag(p)
     p.add_argument("--api-key", help="require this bearer token (default: $THRIFTY_API_KEY, or the variable "
                                      "named by server.api_key_env; unset: no auth)")
     _kv_cache_dtype_flag(p, None)
@@ -138,6 +145,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         config.server.port = args.port
     if args.device:
         config.engine["device"] = args.device
+    if args.enforce_eager:
+        config.engine["enforce_eager"] = True
     if args.kv_cache_dtype:
         config.engine["kv_cache_dtype"] = args.kv_cache_dtype
     if args.lm_head:

@@ -87,6 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--context", type=int, default=128, help="prompt tokens per sequence before the timed steps")
     st.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
     st.add_argument("--profile-steps", type=int, default=6, help="steps under the profiler (0: none)")
+    st.add_argument("--enforce-eager", action="store_true",
+                    help="CUDA: time eager decode steps, not replayed CUDA graphs")
 
     sp = bsub.add_parser("spec", help="plain vs n-gram and draft-model speculative decoding: tok/s, acceptance",
                          description="Greedy chat / code-edit / summarize requests (HumanEval, pydoc passages) "
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
                          profile_steps=args.profile_steps, weights=args.weights, lm_head=args.lm_head,
                          dtype=args.dtype,
                          device=args.device, threads=args.threads, block_size=args.block_size, seed=args.seed,
-                         progress=args.progress)
+                         enforce_eager=args.enforce_eager, progress=args.progress)
         report = run_step(cfg)
         print(format_report(report))
         plot = rep.plot_step

@@ -44,6 +44,7 @@ class StepConfig:
     threads: int | None = None
     block_size: int = 16
     seed: int = 0
+    enforce_eager: bool = False            # CUDA: eager decode steps instead of replayed CUDA graphs
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ def _decode_engine(loaded, cfg: StepConfig, batch: int) -> LLMEngine:
     engine = LLMEngine(loaded, EngineConfig(
         dtype=cfg.dtype, device=cfg.device, num_kv_blocks=blocks, block_size=cfg.block_size, max_num_seqs=batch,
         max_num_batched_tokens=max(2048, cfg.context), enable_prefix_caching=False, weights=cfg.weights,
-        lm_head=cfg.lm_head))
+        lm_head=cfg.lm_head, enforce_eager=cfg.enforce_eager))
     high = token_high(min(loaded.config.vocab_size, loaded.tokenizer.vocab_size), loaded.tokenizer.stop_token_ids)
     params = SamplingParams(max_tokens=total - cfg.context, temperature=0.0, ignore_eos=True)
     for i, req in enumerate(random_requests(batch, cfg.context, 1, high, cfg.seed)):
@@ -173,6 +174,7 @@ def bench_batch(loaded, cfg: StepConfig, batch: int, counts: dict, bandwidth: fl
             phases[p].append(v)
     prof = _profile(engine, cfg.profile_steps, loaded.device)
     contexts = [s.num_computed_tokens for s in engine.scheduler.running]
+    graphs = engine.runner.graphs
     engine.abort_all()
     step_ms = statistics.median(walls) * 1e3
     read = counts["linear_bytes"] + batch * loaded.config.hidden_size * loaded.dtype.itemsize \
@@ -186,6 +188,8 @@ def bench_batch(loaded, cfg: StepConfig, batch: int, counts: dict, bandwidth: fl
         "profiled_step_ms": profiled, "op_ms": prof["op_ms"], "ops_per_step": prof["ops"], "kernel_ms": kernel,
         "outside_kernels_ms": profiled - kernel if kernel is not None else None,
         "launches_per_step": prof["launches"],
+        "cuda_graphs": None if graphs is None else (f"off: {graphs.disabled}" if graphs.disabled
+                                                    else f"{graphs.captures} captured"),
         "bytes_read": read, "floor_bandwidth_ms": floor_bw_ms, "floor_compute_ms": floor_compute_ms,
         "floor_ms": max(floor_bw_ms, floor_compute_ms),
         "step_over_floor": step_ms / max(floor_bw_ms, floor_compute_ms),
@@ -246,8 +250,9 @@ def format_report(report: dict) -> str:
     lines.append(markdown_table(headers, rows))
     if any(r["launches_per_step"] is not None for r in report["results"]):
         lines.append("")
-        lines.append(markdown_table(["batch", "launches / step"],
-                                    [[r["batch"], r["launches_per_step"]] for r in report["results"]]))
+        lines.append(markdown_table(["batch", "launches / step", "CUDA graphs"],
+                                    [[r["batch"], r["launches_per_step"], r.get("cuda_graphs") or "eager"]
+                                     for r in report["results"]]))
     if report["ratios"]:
         lines.append("")
         lines.append(markdown_table(["ratio", "measured ms", "floor ms"],

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from thrifty.engine import determinism, kv_calibration, kv_groups
+from thrifty.engine import cuda_graphs, determinism, kv_calibration, kv_groups
 from thrifty.engine.block_manager import PrefixCacheStats
 from thrifty.engine.kv_cache import KVCacheSpec, check_kv_cache_dtype, kv_cache_dtype
 from thrifty.engine.runner import ModelRunner, StepInput, Verified
@@ -49,6 +49,7 @@ class EngineConfig:
                                             # quantized weights an untied head in their format, a tied one int8
                                             # on a CPU; thrifty.models.lm_head)
     speculative: SpeculativeConfig | dict | str | None = None   # speculative decoding; None: off
+    enforce_eager: bool = False             # CUDA: never replay decode steps as CUDA graphs (engine/cuda_graphs.py)
     free_window_blocks: bool = True         # sliding-window layers free blocks that left their window (False:
                                             # they keep every block, the unbounded reference; engine/kv_groups.py)
 
@@ -127,18 +128,22 @@ class LLMEngine:
                                       config.num_kv_blocks, config.max_num_seqs, config.max_num_batched_tokens)
         spec = specs[0]
         k_transform = kv_calibration.calibrate(loaded) if quantized(kv_dtype) else None
+        capture = _graph_capture(config, loaded.device, groups)
         self.kv_cache, self.block_manager = kv_groups.build(loaded.config, groups, specs,
-                                                            config.enable_prefix_caching, loaded.device, k_transform)
+                                                            config.enable_prefix_caching, loaded.device, k_transform,
+                                                            scratch_block=capture is not None)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids)
         if config.deterministic:
             determinism.check(loaded.dtype, loaded.weights, loaded.lm_head)
             determinism.pin_row_kernels(loaded.model)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
-                                  rows_as_decodes=config.deterministic)
-        self.speculator = _speculator(config, loaded, spec, self.runner.sampler, draft)
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, spec.num_slots)
+        graphs = None if capture is None else cuda_graphs.DecodeGraphs(
+            loaded.model, self.kv_cache, config.max_num_seqs, self.max_model_len, loaded.device, capture)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.eos_token_ids), loaded.device,
+                                  rows_as_decodes=config.deterministic, graphs=graphs)
+        self.speculator = _speculator(config, loaded, spec, self.runner.sampler, draft)
         self.stats = EngineStats()
         self.last_step_timing = StepTiming()     # where the last step's time went, phase by phase
         self.prefill_rate = PrefillRate()        # prompt tokens/s under load: admission by deadline reads it
@@ -361,6 +366,15 @@ class LLMEngine:
             seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:visible], list(seq.output_token_ids),
             delta, new_tokens, seq.finished, seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
             list(seq.logprobs), usage)
+
+
+def _graph_capture(config: EngineConfig, device: torch.device, groups: list[kv_groups.KVGroup]
+                   ) -> cuda_graphs.Capture | None:
+    """How decode steps are captured, or None: eager on CPUs, when asked, in deterministic mode (its padding
+    of one-row calls is eager-only), and for models with sliding-window KV groups (their grouped tables)."""
+    if config.enforce_eager or config.deterministic or len(groups) != 1 or groups[0].window is not None:
+        return None
+    return cuda_graphs.capturer(device)
 
 
 def _speculator(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec, sampler: Sampler,

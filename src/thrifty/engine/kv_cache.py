@@ -73,11 +73,15 @@ class PagedKVCache:
     """All layers' KV storage, allocated once."""
 
     def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu",
-                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 k_transform: tuple[torch.Tensor, torch.Tensor] | None = None, scratch_block: bool = False) -> None:
         """k_transform: (shift, divisor), each [num_layers, num_kv_heads, head_dim], of an int8 / fp8 cache's K
-        (engine/kv_calibration.py); ignored by float caches."""
+        (engine/kv_calibration.py); ignored by float caches. scratch_block: one block more than the spec's, at
+        index spec.num_blocks, that no sequence owns: the padding rows of a CUDA-graph decode step write there
+        (engine/cuda_graphs.py)."""
         self.spec = spec
-        shape = (spec.num_layers, spec.num_kv_heads, spec.num_blocks, spec.block_size, spec.head_dim)
+        self.scratch_block = spec.num_blocks if scratch_block else None
+        shape = (spec.num_layers, spec.num_kv_heads, spec.num_blocks + int(scratch_block), spec.block_size,
+                 spec.head_dim)
         self._k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self._v = torch.zeros(shape, dtype=spec.dtype, device=device)
         self._scales: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -195,13 +195,14 @@ class GroupedBlockManager:
 
 
 def build(config: ModelConfig, groups: list[KVGroup], specs: list[KVCacheSpec], enable_prefix_caching: bool,
-          device: torch.device | str, k_transform: tuple[torch.Tensor, torch.Tensor] | None = None
-          ) -> tuple[PagedKVCache | GroupedKVCache, BlockManager | GroupedBlockManager]:
+          device: torch.device | str, k_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+          scratch_block: bool = False) -> tuple[PagedKVCache | GroupedKVCache, BlockManager | GroupedBlockManager]:
     """The KV tensors and their books: the plain pair for one whole-context group, grouped ones otherwise.
-    `k_transform`: an int8 / fp8 cache's K shift and divisor for every model layer (engine/kv_calibration.py)."""
+    `k_transform`: an int8 / fp8 cache's K shift and divisor for every model layer (engine/kv_calibration.py);
+    `scratch_block`: the plain pair gets a block for CUDA-graph padding rows (engine/cuda_graphs.py)."""
     if len(groups) == 1 and groups[0].window is None:
         spec = specs[0]
-        return (PagedKVCache(spec, device, k_transform),
+        return (PagedKVCache(spec, device, k_transform, scratch_block),
                 BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching))
     managers = [BlockManager(s.num_blocks - (1 if g.window is not None else 0), s.block_size, enable_prefix_caching,
                              g.window) for g, s in zip(groups, specs)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thrifty.engine.cuda_graphs import DecodeGraphs, DecodeRow
 from thrifty.engine.kv_cache import PagedKVCache
 from thrifty.engine.kv_groups import GroupedKVCache
 from thrifty.engine.sampling import Sampler, SamplerOutput
@@ -76,9 +77,10 @@ def forward(model: torch.nn.Module, kv_cache: PagedKVCache | GroupedKVCache, chu
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache | GroupedKVCache, sampler: Sampler,
-                 device: torch.device, rows_as_decodes: bool = False) -> None:
+                 device: torch.device, rows_as_decodes: bool = False, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.kv_cache, self.sampler, self.device = model, kv_cache, sampler, device
         self.rows_as_decodes = rows_as_decodes   # deterministic mode (engine/determinism.py)
+        self.graphs = graphs                     # CUDA-graph replays of plain decode steps (engine/cuda_graphs.py)
         self.block_size = kv_cache.spec.block_size
 
     def execute(self, batch: list[StepInput], watch: Stopwatch
@@ -91,6 +93,9 @@ class ModelRunner:
             start = item.seq.num_computed_tokens
             tokens = item.seq.token_ids + item.seq.draft_token_ids if item.seq.draft_token_ids else item.seq.token_ids
             chunks.append(Chunk(tokens[start:start + item.num_tokens], start, item.block_tables))
+        logits = self._replay_decode(batch, chunks, watch)
+        if logits is not None:
+            return self._sample(batch, logits, watch)
         hidden = forward(self.model, self.kv_cache, chunks, self.device, watch, self.rows_as_decodes)
 
         sampling = [b for b in batch if b.samples]
@@ -105,6 +110,26 @@ class ModelRunner:
                 rows.append(end - 1)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         watch.lap("logits")
+        return self._sample(sampling, logits, watch)
+
+    def _replay_decode(self, batch: list[StepInput], chunks: list[Chunk], watch: Stopwatch) -> torch.Tensor | None:
+        """Logits of the sampling rows of a plain decode step replayed as a CUDA graph; None: run it eagerly."""
+        if self.graphs is None or any(len(c.token_ids) != 1 for c in chunks) \
+                or any(b.seq.draft_token_ids for b in batch):
+            return None
+        logits = self.graphs.run([DecodeRow(c.token_ids[0], c.start, c.block_tables[0]) for c in chunks])
+        if logits is None:
+            return None
+        watch.lap("forward")
+        rows = [i for i, b in enumerate(batch) if b.samples]
+        return logits if len(rows) == len(batch) else logits[torch.tensor(rows, device=self.device)]
+
+    def _sample(self, batch: list[StepInput], logits: torch.Tensor, watch: Stopwatch
+                ) -> tuple[list[Sequence], SamplerOutput | None, list[Verified]]:
+        """Sample one token for each sequence of `batch` that samples this step, from its row of `logits`."""
+        sampling = [b for b in batch if b.samples]
+        if not sampling:
+            return [], None, []
         seqs = [b.seq for b in sampling]
         out = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.history for s in seqs])
