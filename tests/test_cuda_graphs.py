@@ -102,3 +102,17 @@ def test_enforce_eager_and_windowed_models_build_no_graphs(tiny_gguf, monkeypatc
         engine = LLMEngine(load(tiny_gguf, "float32"), EngineConfig(dtype="float32", enforce_eager=True))
     assert engine.runner.graphs is None and engine.kv_cache.scratch_block is None
     assert cuda_graphs.capturer(torch.device("cpu")) is None
+
+
+def test_gpu_check_parts_report_graphs_against_eager(tiny_gguf, monkeypatch):
+    """The GPU check's timing and agreement parts on a CPU, graphs replayed eagerly: they run both modes and say
+    which ran (the numbers mean nothing here)."""
+    from thrifty.bench import gpu_check
+
+    monkeypatch.setattr(cuda_graphs, "capturer", lambda device: cuda_graphs.eager_capture)
+    loaded = load(tiny_gguf, "float32")
+    agreement = gpu_check.bf16_agreement(loaded, tokens=4, batch=3)
+    assert agreement["identical"] == "3/3"
+    row = gpu_check.throughput(loaded, [2], float("inf"), prompt_len=16, output_len=8)["2"]
+    assert row["graphs"]["graphs"].endswith("graphs captured") and row["eager"]["graphs"] == "eager"
+    assert row["graphs_over_eager"] > 0 and row["graphs"]["capture_s"] >= 0

@@ -31,6 +31,11 @@ def _prompts(n: int, length_range: tuple[int, int], high: int, seed: int) -> lis
     return [[rng.randrange(10, high) for _ in range(rng.randrange(*length_range))] for _ in range(n)]
 
 
+def _high(loaded) -> int:
+    """Random prompt ids stay below this: ordinary tokens of any vocabulary, the tiny test models' included."""
+    return min(5000, loaded.config.vocab_size)
+
+
 def _engine(loaded, eager: bool, max_num_seqs: int, kv_gib: float = 2.0):
     from thrifty.engine.engine import EngineConfig, LLMEngine
 
@@ -52,7 +57,7 @@ def correctness(model_dir: str, device: str, tokens: int) -> dict:
 
     loaded = load(model_dir, "float32", device)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
-    prompts = _prompts(6, (8, 60), 5000, seed=1)
+    prompts = _prompts(6, (8, 60), _high(loaded), seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
     out: dict = {}
     for mode in ("graphs", "eager"):
@@ -80,7 +85,7 @@ def correctness(model_dir: str, device: str, tokens: int) -> dict:
 def bf16_agreement(loaded, tokens: int, batch: int) -> dict:
     from thrifty.engine.sampling import SamplingParams
 
-    prompts = _prompts(batch, (16, 200), 5000, seed=2)
+    prompts = _prompts(batch, (16, 200), _high(loaded), seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     outs = {}
     for mode in ("graphs", "eager"):
@@ -102,13 +107,14 @@ def steps(model_dir: str, device: str, batches: list[int]) -> dict:
     return out
 
 
-def throughput(loaded, concurrencies: list[int], budget_s: float) -> dict:
+def throughput(loaded, concurrencies: list[int], budget_s: float, prompt_len: int = 128, output_len: int = 128
+               ) -> dict:
     from thrifty.bench.engine_run import make_engine, run_closed_loop, warm_up
     from thrifty.bench.workload import random_requests
 
     out = {}
     for c in concurrencies:
-        requests = random_requests(max(2 * c, 2), 128, 128, 5000, seed=c)
+        requests = random_requests(max(2 * c, 2), prompt_len, output_len, _high(loaded), seed=c)
         row = {}
         for mode in ("graphs", "eager"):
             options = {"device": str(loaded.device), "kv_cache_memory": 4.0, "enforce_eager": mode == "eager"}
