@@ -36,10 +36,11 @@ def _high(loaded) -> int:
     return min(5000, loaded.config.vocab_size)
 
 
-def _engine(loaded, eager: bool, max_num_seqs: int, kv_gib: float = 2.0):
+def _engine(loaded, eager: bool, max_num_seqs: int, max_len: int):
+    """An engine with KV blocks for max_num_seqs sequences of max_len tokens."""
     from thrifty.engine.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(loaded, EngineConfig(device=str(loaded.device), kv_cache_memory=kv_gib,
+    return LLMEngine(loaded, EngineConfig(device=str(loaded.device), num_kv_blocks=max_num_seqs * (max_len // 16 + 2),
                                           max_num_seqs=max_num_seqs, enforce_eager=eager))
 
 
@@ -61,7 +62,7 @@ def correctness(model_dir: str, device: str, tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
     out: dict = {}
     for mode in ("graphs", "eager"):
-        engine = _engine(loaded, mode == "eager", max_num_seqs=len(prompts), kv_gib=0.5)
+        engine = _engine(loaded, mode == "eager", len(prompts), 60 + tokens)
         results = engine.run(prompts, [params] * len(prompts))
         argmax_ok, worst = 0, 0.0
         for p, r in zip(prompts, results):
@@ -89,7 +90,7 @@ def bf16_agreement(loaded, tokens: int, batch: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     outs = {}
     for mode in ("graphs", "eager"):
-        engine = _engine(loaded, mode == "eager", max_num_seqs=batch)
+        engine = _engine(loaded, mode == "eager", batch, 200 + tokens)
         outs[mode] = [r.token_ids for r in engine.run(prompts, [params] * batch)]
     same = sum(a == b for a, b in zip(outs["graphs"], outs["eager"]))
     return {"identical": f"{same}/{batch}", "tokens": tokens}
@@ -117,7 +118,8 @@ def throughput(loaded, concurrencies: list[int], budget_s: float, prompt_len: in
         requests = random_requests(max(2 * c, 2), prompt_len, output_len, _high(loaded), seed=c)
         row = {}
         for mode in ("graphs", "eager"):
-            options = {"device": str(loaded.device), "kv_cache_memory": 4.0, "enforce_eager": mode == "eager"}
+            options = {"device": str(loaded.device), "enforce_eager": mode == "eager",
+                       "num_kv_blocks": c * ((prompt_len + output_len) // 16 + 2)}
             warm_up(loaded, options, requests[0].prompt_ids, concurrency=min(c, 4))
             engine = make_engine(loaded, **options, max_num_seqs=c)
             wall, outs = run_closed_loop(engine, requests, c, progress=False)
