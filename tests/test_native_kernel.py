@@ -198,6 +198,8 @@ def test_native_dequantize_matches_the_torch_formula(bits, mins):
     weight.packed, weight.scales, weight.mins = packed, scales, offs
     assert torch.allclose(weight.dequantize(), weight.reference_dequantize(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(weight.dequantize(), w, rtol=1e-6, atol=1e-7)
+    # bf16 straight from the kernel: the same bits as the float32 weight cast to bf16 (round to nearest even)
+    assert torch.equal(weight.dequantize(torch.bfloat16), weight.dequantize().to(torch.bfloat16))
 
 
 @needs_kernel

@@ -134,9 +134,12 @@ def qgemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: tor
 
 
 def qdequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-             group: int) -> torch.Tensor:
-    """The float32 [N, K] weight qgemv multiplies with (scale * q + min per group)."""
-    return torch.ops.thrifty.qdequant(packed, scales, mins, bits, group)
+             group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] weight qgemv multiplies with (scale * q + min per group), float32 or bf16 (rounded from the
+    float32 values, written directly)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"qdequant writes float32 or bfloat16, not {dtype}")
+    return torch.ops.thrifty.qdequant(packed, scales, mins, bits, group, dtype == torch.bfloat16)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -525,14 +525,16 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
   return y;
 }
 
-// Rows [lo, hi) of the dense weight, w = scale * q + min per group, into dst (row stride k).
+// Rows [lo, hi) of the dense weight, w = scale * q + min per group, into dst (row stride k): float32, or bf16
+// rounded to nearest even (the same bits as the float32 weight cast to bf16, without writing it first).
+template <typename T>
 void dequant_rows(const uint8_t* src, const uint16_t* sc, const uint16_t* mn, int bits, int64_t k, int64_t group,
-                  int64_t lo, int64_t hi, float* dst) {
+                  int64_t lo, int64_t hi, T* dst) {
   alignas(32) float vals[64];
   const int64_t ng = k / group, row_bytes = bits == 4 ? k / 2 : k;
   for (int64_t r = lo; r < hi; ++r) {
     const uint8_t* wr = src + r * row_bytes;
-    float* o = dst + (r - lo) * k;
+    T* o = dst + (r - lo) * k;
     for (int64_t c = 0; c < k; c += 64) {  // 64 values: one int4 block, or two int8 chunks
       if (bits == 4) {
         for (int j = 0; j < 32; ++j) {
@@ -547,7 +549,7 @@ void dequant_rows(const uint8_t* src, const uint16_t* sc, const uint16_t* mn, in
         const __m256 s = _mm256_set1_ps(half(sc + r * ng + g));
         const __m256 m = _mm256_set1_ps(mn ? half(mn + r * ng + g) : 0.f);
         for (int j = 0; j < 32; j += 8)
-          _mm256_storeu_ps(o + c + 32 * h + j, _mm256_fmadd_ps(_mm256_load_ps(vals + 32 * h + j), s, m));
+          store8(o + c + 32 * h + j, _mm256_fmadd_ps(_mm256_load_ps(vals + 32 * h + j), s, m));
       }
     }
   }
@@ -574,14 +576,16 @@ Packed check_packed(const at::Tensor& w, const at::Tensor& scales, const std::op
           mins ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr, n, k};
 }
 
-// The dense float32 [N, K] weight.
+// The dense [N, K] weight, float32 or (bf16 true) bf16: a bf16 prefill GEMM reads it without a float32 copy.
 at::Tensor qdequant(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
-                    int64_t bits, int64_t group) {
+                    int64_t bits, int64_t group, bool bf16) {
   const Packed p = check_packed(w, scales, mins, bits, group);
-  at::Tensor out = at::empty({p.n, p.k}, w.options().dtype(at::kFloat));
-  float* dst = out.data_ptr<float>();
+  at::Tensor out = at::empty({p.n, p.k}, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   at::parallel_for(0, p.n, 16, [&](int64_t lo, int64_t hi) {
-    dequant_rows(p.w, p.scales, p.mins, bits, p.k, group, lo, hi, dst + lo * p.k);
+    if (bf16)
+      dequant_rows(p.w, p.scales, p.mins, bits, p.k, group, lo, hi, out.data_ptr<at::BFloat16>() + lo * p.k);
+    else
+      dequant_rows(p.w, p.scales, p.mins, bits, p.k, group, lo, hi, out.data_ptr<float>() + lo * p.k);
   });
   return out;
 }
@@ -592,7 +596,7 @@ at::Tensor qdequant(const at::Tensor& w, const at::Tensor& scales, const std::op
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("qgemv(Tensor x, Tensor w, Tensor scales, Tensor? mins, Tensor? bias, int bits, int group, int path=-1) "
           "-> Tensor");
-  lib.def("qdequant(Tensor w, Tensor scales, Tensor? mins, int bits, int group) -> Tensor");
+  lib.def("qdequant(Tensor w, Tensor scales, Tensor? mins, int bits, int group, bool bf16=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(thrifty, CPU, lib) {
