@@ -36,17 +36,22 @@ def _high(loaded) -> int:
     return min(5000, loaded.config.vocab_size)
 
 
-def _engine(loaded, eager: bool, max_num_seqs: int, max_len: int):
-    """An engine with KV blocks for max_num_seqs sequences of max_len tokens."""
+def _kv_blocks(seqs: int, tokens: int) -> int:
+    """KV blocks (the engine's default 16 tokens each) for `seqs` sequences of up to `tokens` tokens."""
+    return seqs * (tokens // 16 + 2)
+
+
+def _engine(loaded, eager: bool, prompts: list[list[int]], new_tokens: int):
+    """An engine that holds all of `prompts` at once, each with `new_tokens` more."""
     from thrifty.engine.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(loaded, EngineConfig(device=str(loaded.device), num_kv_blocks=max_num_seqs * (max_len // 16 + 2),
-                                          max_num_seqs=max_num_seqs, enforce_eager=eager))
+    blocks = _kv_blocks(len(prompts), max(len(p) for p in prompts) + new_tokens)
+    return LLMEngine(loaded, EngineConfig(device=str(loaded.device), num_kv_blocks=blocks,
+                                          max_num_seqs=len(prompts), enforce_eager=eager))
 
 
 def _graph_state(engine) -> str:
-    g = engine.runner.graphs
-    return "eager" if g is None else (f"off: {g.disabled}" if g.disabled else f"{g.captures} graphs captured")
+    return "eager" if engine.runner.graphs is None else engine.runner.graphs.state
 
 
 def correctness(model_dir: str, device: str, tokens: int) -> dict:
@@ -62,7 +67,7 @@ def correctness(model_dir: str, device: str, tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=0)
     out: dict = {}
     for mode in ("graphs", "eager"):
-        engine = _engine(loaded, mode == "eager", len(prompts), 60 + tokens)
+        engine = _engine(loaded, mode == "eager", prompts, tokens)
         results = engine.run(prompts, [params] * len(prompts))
         argmax_ok, worst = 0, 0.0
         for p, r in zip(prompts, results):
@@ -90,7 +95,7 @@ def bf16_agreement(loaded, tokens: int, batch: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     outs = {}
     for mode in ("graphs", "eager"):
-        engine = _engine(loaded, mode == "eager", batch, 200 + tokens)
+        engine = _engine(loaded, mode == "eager", prompts, tokens)
         outs[mode] = [r.token_ids for r in engine.run(prompts, [params] * batch)]
     same = sum(a == b for a, b in zip(outs["graphs"], outs["eager"]))
     return {"identical": f"{same}/{batch}", "tokens": tokens}
@@ -119,7 +124,7 @@ def throughput(loaded, concurrencies: list[int], budget_s: float, prompt_len: in
         row = {}
         for mode in ("graphs", "eager"):
             options = {"device": str(loaded.device), "enforce_eager": mode == "eager",
-                       "num_kv_blocks": c * ((prompt_len + output_len) // 16 + 2)}
+                       "num_kv_blocks": _kv_blocks(c, prompt_len + output_len)}
             warm_up(loaded, options, requests[0].prompt_ids, concurrency=min(c, 4))
             engine = make_engine(loaded, **options, max_num_seqs=c)
             wall, outs = run_closed_loop(engine, requests, c, progress=False)
@@ -156,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     report: dict = {"hardware": hardware_info(), "torch": torch.__version__}
-    loaded = None
 
     def part(name: str, fn) -> None:
         t0 = time.perf_counter()

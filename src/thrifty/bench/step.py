@@ -188,8 +188,7 @@ def bench_batch(loaded, cfg: StepConfig, batch: int, counts: dict, bandwidth: fl
         "profiled_step_ms": profiled, "op_ms": prof["op_ms"], "ops_per_step": prof["ops"], "kernel_ms": kernel,
         "outside_kernels_ms": profiled - kernel if kernel is not None else None,
         "launches_per_step": prof["launches"],
-        "cuda_graphs": None if graphs is None else (f"off: {graphs.disabled}" if graphs.disabled
-                                                    else f"{graphs.captures} captured"),
+        "cuda_graphs": None if graphs is None else graphs.state,
         "bytes_read": read, "floor_bandwidth_ms": floor_bw_ms, "floor_compute_ms": floor_compute_ms,
         "floor_ms": max(floor_bw_ms, floor_compute_ms),
         "step_over_floor": step_ms / max(floor_bw_ms, floor_compute_ms),

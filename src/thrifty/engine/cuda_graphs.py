@@ -100,8 +100,16 @@ class DecodeGraphs:
         self._replays: dict[tuple[int, int], Replay] = {}
         self._pool = new_pool(device)
         self.disabled: str | None = None                   # why graphs were turned off, if they were
-        self.captures = 0
         self.capture_s = 0.0                               # seconds spent capturing (a one-time cost per bucket)
+
+    @property
+    def captures(self) -> int:
+        return len(self._replays)
+
+    @property
+    def state(self) -> str:
+        """For reports: how many graphs were captured, or why graphs are off."""
+        return f"off: {self.disabled}" if self.disabled else f"{self.captures} graphs captured"
 
     def bucket(self, batch: int, blocks: int) -> tuple[int, int] | None:
         """The (batch, width) graph a step of `batch` rows over at most `blocks` blocks each replays, or None."""
@@ -170,6 +178,5 @@ class DecodeGraphs:
             log.warning("decode graphs off: capturing batch %d, width %d failed (%s)", batch, width, self.disabled)
             return None
         self._replays[(batch, width)] = replay
-        self.captures += 1
         self.capture_s += time.perf_counter() - start
         return replay

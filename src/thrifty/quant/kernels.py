@@ -301,9 +301,8 @@ class NativeWeight(QuantWeight):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if dtype in (torch.float32, torch.bfloat16):
-            return native.qdequant(self.packed, self.scales, self.mins, self.bits, self.group_size, dtype)
-        return native.qdequant(self.packed, self.scales, self.mins, self.bits, self.group_size).to(dtype)
+        written = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32   # what the kernel writes
+        return native.qdequant(self.packed, self.scales, self.mins, self.bits, self.group_size, written).to(dtype)
 
     def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """dequantize(dtype)[ids] without dequantizing the other rows (an embedding lookup in a tied table):
