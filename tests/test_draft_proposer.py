@@ -37,7 +37,9 @@ def drafts(tiny_gguf, tmp_path_factory) -> dict[str, str]:
 
 
 def draft_spec(path: str, **extra) -> dict:
-    return {"method": "draft", "draft_model": path, "num_tokens": 4, "disable_by_batch_size": 64, **extra}
+    """The draft model alone (its n-gram-first default off, so every step drafts with the model)."""
+    return {"method": "draft", "draft_model": path, "num_tokens": 4, "disable_by_batch_size": 64,
+            "ngram_first": False, **extra}
 
 
 def make_engine(path, speculative=None, **options) -> LLMEngine:
@@ -51,7 +53,7 @@ def assert_all_free(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     if engine.speculator is not None:
-        proposer = engine.speculator.proposer
+        proposer = getattr(engine.speculator.proposer, "draft", engine.speculator.proposer)  # under n-gram first
         assert proposer.block_manager.num_free_blocks == proposer.block_manager.num_blocks
         assert not proposer._kv
 
@@ -122,6 +124,80 @@ def test_drafts_follow_penalties_and_opt_outs(tiny_gguf, plain, drafts):
     off = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, speculative=False)
     assert run_ids(engine, prompts[:2], off) == plain[1][:2]
     assert engine.speculator.stats.num_drafts == 0
+
+
+# ---- n-gram first, the draft model where the lookup finds nothing (method draft's default) ----------------------
+
+
+class RecordingDraft:
+    """A stand-in draft model: proposes [99] * k and remembers whom it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def propose(self, seqs, num_tokens):
+        self.asked.append([s.request_id for s in seqs])
+        for seq in seqs:
+            seq.spec.draft_probs = torch.ones(1, 4)
+        return [[99] * k for k in num_tokens]
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+def _seq(request_id: str, tokens: list[int]):
+    from thrifty.engine.sequence import Sequence
+    from thrifty.engine.speculative import SpecState
+
+    seq = Sequence(request_id, None, tokens, SamplingParams(temperature=0.0, max_tokens=8))
+    seq.spec = SpecState(3, draft_probs=torch.zeros(1, 4))   # stale q from an earlier step
+    return seq
+
+
+def test_ngram_first_drafts_only_where_the_lookup_misses():
+    from thrifty.engine.speculative import NgramFirstProposer, NgramProposer
+
+    draft = RecordingDraft()
+    proposer = NgramFirstProposer(NgramProposer(2, 3), draft, draft_batch_limit=3)
+    hit, miss = _seq("hit", [5, 6, 7, 8, 5, 6]), _seq("miss", [1, 2, 3, 4])
+    assert proposer.propose([hit, miss], [3, 3]) == [[7, 8, 5], [99, 99, 99]]
+    assert draft.asked == [["miss"]]
+    assert hit.spec.draft_probs is None                  # a looked-up draft is one-hot: no stale q
+    assert miss.spec.draft_probs is not None
+    crowd = [_seq(f"m{i}", [1, 2, 3, 4]) for i in range(3)]   # as many as the limit: the lookup alone
+    assert proposer.propose(crowd, [3, 3, 3]) == [[], [], []]
+    assert draft.asked == [["miss"]]
+
+
+def test_ngram_first_config():
+    assert SpeculativeConfig(method="draft", draft_model="d").ngram_first is True
+    assert SpeculativeConfig(method="draft", draft_model="d").disable_by_batch_size == 16   # the lookup's limit
+    assert SpeculativeConfig(method="draft", draft_model="d", ngram_first=False).disable_by_batch_size == 2
+    assert SpeculativeConfig(method="ngram").ngram_first is False
+    with pytest.raises(InvalidRequestError, match="ngram_first needs method 'draft'"):
+        SpeculativeConfig(method="ngram", ngram_first=True)
+
+
+@pytest.mark.parametrize("which", ["near", "other"])
+def test_ngram_first_greedy_identical(tiny_gguf, plain, drafts, which):
+    """Both proposers in one engine (the lookup on the repetitive prompts, the draft elsewhere): plain output,
+    both caches empty at the end, and the draft model did propose."""
+    prompts, expected = plain
+    engine = make_engine(tiny_gguf, draft_spec(drafts[which], ngram_first=True), max_num_seqs=1)
+    assert engine.speculator.proposer.draft_batch_limit == 2     # the draft model only for a request alone
+    calls = []
+    draft = engine.speculator.proposer.draft
+    original = draft.propose
+    draft.propose = lambda seqs, k: calls.append(len(seqs)) or original(seqs, k)
+    assert run_ids(engine, prompts) == expected
+    assert calls and engine.speculator.stats.num_accepted_tokens > 0
+
+
+def test_ngram_first_batched_with_preemption_identical(tiny_gguf, plain, drafts):
+    prompts, expected = plain
+    engine = make_engine(tiny_gguf, draft_spec(drafts["near"], ngram_first=True), num_kv_blocks=60, block_size=4)
+    assert run_ids(engine, prompts) == expected
+    assert engine.stats.preemptions > 0
 
 
 # ---- the KV books of both caches ------------------------------------------------------------------------------
@@ -255,7 +331,7 @@ def test_config_needs_a_draft_model():
         SpeculativeConfig(method="draft")
     spec = EngineConfig(speculative={"method": "draft", "draft_model": "x", "draft_weights": "int4"}).speculative
     assert (spec.draft_model, spec.draft_weights) == ("x", "int4")
-    assert spec.disable_by_batch_size == 2             # a draft only for a request that runs alone (measured)
+    assert spec.disable_by_batch_size == 16            # n-gram first: the lookup goes on in batches of 2-15
     assert SpeculativeConfig(method="ngram").disable_by_batch_size == 16
 
 

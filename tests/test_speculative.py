@@ -391,6 +391,15 @@ def test_verify_greedy():
 # ---- config ------------------------------------------------------------------------------------------------
 
 
+def test_adaptive_draft_length():
+    from thrifty.engine.speculative import next_num_tokens
+
+    assert next_num_tokens(3, 3, 8) == 4          # all kept: one more
+    assert next_num_tokens(8, 8, 8) == 8          # never past the configured most
+    assert next_num_tokens(6, 2, 8) == 3          # a rejection: one more than kept
+    assert next_num_tokens(4, 0, 8) == 1
+
+
 def test_config_forms_and_errors(tiny_gguf):
     assert EngineConfig().speculative.method == "off"
     assert EngineConfig(speculative="ngram").speculative == SpeculativeConfig(method="ngram")
@@ -433,7 +442,7 @@ def test_real_model_greedy_identical_on_humaneval(qwen05_gguf):
 def test_config_file_cli_flags_and_metrics():
     import argparse
 
-    from thrifty.cli import _speculative_section
+    from thrifty.cli import _speculative_section, build_parser
     from thrifty.config import ThriftyConfig
     from thrifty.engine.snapshot import EngineSnapshot
     from thrifty.server.metrics import _spec_decode_metrics
@@ -449,6 +458,10 @@ def test_config_file_cli_flags_and_metrics():
     none = argparse.Namespace(speculative=None, num_speculative_tokens=None, ngram_min=None, ngram_max=None,
                               draft_model=None)
     assert _speculative_section(none, {"method": "ngram"}) is None
+    args = build_parser().parse_args(["serve", "--speculative", "draft", "--draft-model", "d", "--no-ngram-first"])
+    assert _speculative_section(args)["ngram_first"] is False
+    args = build_parser().parse_args(["serve", "--speculative", "draft", "--draft-model", "d"])
+    assert "ngram_first" not in _speculative_section(args)      # the config's (or the default) stands
 
     snaps = [EngineSnapshot(1, 0, 10, 5, 0, 0, 64, 3, 9, 5, (3, 2, 0)), EngineSnapshot(1, 0, 10, 5, 0, 0, 64)]
     families = {m.name: m for m in _spec_decode_metrics(snaps)}

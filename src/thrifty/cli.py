@@ -78,13 +78,16 @@ def _speculative_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram-max", type=int, default=None, help="longest n-gram, tried first (4)")
     p.add_argument("--draft-model", default=None, help="method draft: the proposing model")
     p.add_argument("--draft-weights", default=None, help="method draft: its weight format (default: the target's)")
+    p.add_argument("--no-ngram-first", dest="ngram_first", action="store_false", default=None,
+                   help="method draft: draft with the model every step (default: n-gram lookup first, the draft "
+                        "model where it finds nothing)")
 
 
 def _speculative_section(args: argparse.Namespace, base: dict | None = None) -> dict | None:
     """The engine's speculative section from the flags over `base` (the config file's); None: untouched."""
     flags = {"method": args.speculative, "num_tokens": args.num_speculative_tokens, "ngram_min": args.ngram_min,
              "ngram_max": args.ngram_max, "draft_model": args.draft_model,
-             "draft_weights": getattr(args, "draft_weights", None)}
+             "draft_weights": getattr(args, "draft_weights", None), "ngram_first": getattr(args, "ngram_first", None)}
     given = {k: v for k, v in flags.items() if v is not None}
     if not given:
         return None

@@ -33,7 +33,13 @@ from thrifty.engine.sampling import SamplingParams
 from thrifty.errors import ThriftyError
 
 WORKLOADS = ("chat", "code-edit", "summarize")
-METHODS = ("off", "ngram", "draft")
+# draft: the draft model alone (ngram_first off); draft+ngram: the engine's default for method draft, the lookup
+# proposing where it finds a match and the draft elsewhere
+METHODS = ("off", "ngram", "draft", "draft+ngram")
+
+
+def uses_draft(method: str) -> bool:
+    return method.startswith("draft")
 
 
 @dataclass(slots=True)
@@ -67,7 +73,7 @@ class SpecBenchConfig:
         bad = sorted(set(self.methods) - set(METHODS))
         if bad or "off" not in self.methods:
             raise ThriftyError(f"bad methods {', '.join(self.methods)}", f"off and any of {', '.join(METHODS[1:])}")
-        if "draft" in self.methods and not self.draft:
+        if any(uses_draft(m) for m in self.methods) and not self.draft:
             raise ThriftyError("method draft needs a draft model", "pass --draft, e.g. qwen2.5-coder-0.5b-instruct")
 
 
@@ -100,14 +106,16 @@ def workload_messages(name: str, n: int) -> list[str]:
 
 
 def _engine(loaded, cfg: SpecBenchConfig, method: str, batch: int, draft=None) -> LLMEngine:
-    spec = {"method": method, "num_tokens": cfg.num_tokens, "ngram_min": cfg.ngram_min, "ngram_max": cfg.ngram_max,
-            "draft_model": cfg.draft if method == "draft" else None}
+    drafts = uses_draft(method)
+    spec = {"method": "draft" if drafts else method, "num_tokens": cfg.num_tokens, "ngram_min": cfg.ngram_min,
+            "ngram_max": cfg.ngram_max, "draft_model": cfg.draft if drafts else None,
+            "ngram_first": method == "draft+ngram"}
     if cfg.disable_by_batch_size is not None:
         spec["disable_by_batch_size"] = cfg.disable_by_batch_size
     return LLMEngine(loaded, EngineConfig(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=batch,
                                           num_threads=cfg.threads, weights=cfg.weights,
                                           speculative=spec if method != "off" else None),
-                     draft=draft if method == "draft" else None)
+                     draft=draft if drafts else None)
 
 
 def _forward_s(loaded, prompt: list[int], num_tokens: int, repeats: int = 5) -> float:
@@ -164,7 +172,8 @@ def run_spec(cfg: SpecBenchConfig) -> dict:
     from thrifty.models.loader import load
 
     loaded = load(cfg.model, cfg.dtype, weights=cfg.weights, lm_head=cfg.lm_head)
-    draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights, lm_head=cfg.lm_head) if "draft" in cfg.methods else None
+    draft = load(cfg.draft, loaded.dtype, weights=cfg.draft_weights or cfg.weights, lm_head=cfg.lm_head) \
+        if any(uses_draft(m) for m in cfg.methods) else None
     tok = loaded.tokenizer
     cells = []
     for workload in cfg.workloads:
@@ -179,7 +188,7 @@ def run_spec(cfg: SpecBenchConfig) -> dict:
         rows = [_cell(loaded, cfg, method, batch, prompts, draft) for method in cfg.methods]
         for row in _against_plain(rows):
             row["workload"] = workload
-            if row["method"] == "draft" and row.get("num_drafts"):
+            if row["method"] == "draft" and row.get("num_drafts"):   # the bound holds for the draft alone
                 k = row["num_draft_tokens"] / row["num_drafts"]
                 row["bound"] = row["mean_accepted_length"] / (k * cost["cost_ratio"] + cost["verify_ratio"])
             results.append(row)
@@ -205,7 +214,8 @@ def _llamacpp_rows(cfg: SpecBenchConfig, cells: list) -> list[dict]:
 
     by_method = [run_method(cfg.model, cfg.draft, m, cells, cfg.num_tokens, cfg.output_len, cfg.threads,
                             cfg.ngram_max)
-                 for m in tqdm(cfg.methods, desc="llama-server", disable=not cfg.progress)]
+                 for m in tqdm([m for m in cfg.methods if m in METHODS[:3]], desc="llama-server",  # no draft+ngram there
+                               disable=not cfg.progress)]
     return [row for cell_rows in zip(*by_method) for row in _against_plain(list(cell_rows))]
 
 
