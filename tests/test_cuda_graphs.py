@@ -4,6 +4,7 @@ by running it (`eager_capture`): everything but the capture itself is what a GPU
 eager engine's. The capture itself is checked on a GPU by `thrifty bench step --device cuda`."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -113,6 +114,46 @@ def test_gpu_check_parts_report_graphs_against_eager(tiny_gguf, monkeypatch):
     loaded = load(tiny_gguf, "float32")
     agreement = gpu_check.bf16_agreement(loaded, tokens=4, batch=3)
     assert agreement["identical"] == "3/3"
-    row = gpu_check.throughput(loaded, [2], float("inf"), prompt_len=16, output_len=8)["2"]
+    rows = gpu_check.throughput(loaded, [2, 4], float("-inf"), prompt_len=16, output_len=8)
+    row = rows["2"]                                      # the first row runs whatever the deadline
     assert row["graphs"]["graphs"].endswith("graphs captured") and row["eager"]["graphs"] == "eager"
     assert row["graphs_over_eager"] > 0 and row["graphs"]["capture_s"] >= 0
+    assert row["graphs"]["preemptions"] == row["eager"]["preemptions"] == 0
+    assert "budget" in rows["4"]["skipped"]
+
+
+def test_gpu_check_transformers_rows_skip_after_a_slow_one(tiny_gguf):
+    """A transformers row over its time limit skips the larger batches and says why."""
+    pytest.importorskip("transformers")
+    from thrifty.bench import gpu_check
+    from thrifty.bench.hf_peer import load_hf_model
+
+    rows = gpu_check.hf_generate(load_hf_model(tiny_gguf, torch.float32), 500, [1, 2, 4], float("inf"), {},
+                                 prompt_len=8, output_len=3, row_limit_s=0.0)
+    assert rows["1"]["output_tokens"] == 3 and rows["1"]["output_tok_s"] > 0
+    assert rows["1"]["thrifty_over_hf"] is None                  # no thrifty row to compare with
+    assert rows["2"]["skipped"].startswith("c=1 took") and rows["4"]["skipped"] == rows["2"]["skipped"]
+
+
+def test_gpu_check_end_to_end_with_transformers_rows(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """`python -m thrifty.bench.gpu_check` on a CPU at tiny sizes: every part reports, the transformers rows sit
+    beside thrifty's in the JSON and the printed table, and the ratio is thrifty's tok/s over transformers'."""
+    pytest.importorskip("transformers")
+    from thrifty.bench import gpu_check
+
+    monkeypatch.setattr(cuda_graphs, "capturer", lambda device: cuda_graphs.eager_capture)
+    # bf16 on a CPU takes ~20 s here; the test above runs that part
+    monkeypatch.setattr(gpu_check, "bf16_agreement", lambda loaded, tokens, batch: {"identical": "not run"})
+    assert gpu_check.main([str(tiny_gguf), "--out", str(tmp_path), "--device", "cpu", "--tokens", "3",
+                           "--batches", "1,2", "--concurrency", "1,2,4", "--prompt-len", "16",
+                           "--output-len", "8"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    for part in ("correctness_fp32", "steps", "throughput", "hf_generate"):
+        assert "error" not in report[part], report[part]
+    for c in (1, 2, 4):
+        ours, hf = report["throughput"][str(c)], report["hf_generate"][str(c)]
+        assert hf["output_tokens"] == 8 * c and hf["output_tok_s"] > 0 and hf["wall_s"] > 0
+        assert hf["thrifty_over_hf"] == pytest.approx(ours["graphs"]["output_tok_s"] / hf["output_tok_s"])
+    table = capsys.readouterr().out
+    assert "thrifty / transformers" in table and "issue targets" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["1", "2", "4"]

@@ -5,6 +5,7 @@ A server built this way serves its clients one after another. At concurrency C (
 each request waits behind the others; the report's TTFT includes that wait, computed from the measured
 service times by replaying the FIFO queue. Timing every request at concurrency 32 would take many minutes, so
 only the first `timed` requests are run and the rest are extrapolated from them (cycled); the result says so.
+`gpu_check` loads the peer from a Hugging Face folder instead and times `generate` on static batches.
 """
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ from thrifty.models.gguf_file import GGUFFile, hf_weights
 
 
 def load_hf_model(path: Path, dtype: torch.dtype = torch.bfloat16):
-    """transformers' Qwen2ForCausalLM with the GGUF file's weights, dequantized to `dtype`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """transformers' model of a Hugging Face folder, or Qwen2ForCausalLM with a GGUF file's weights dequantized,
+    in `dtype`, on the CPU."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     gguf = GGUFFile(path)
     c = gguf.model_config()
     if c.architecture != "qwen2":
@@ -71,17 +75,46 @@ class _FirstToken:
         pass
 
 
+PAD_ID = 0      # any id: padding is masked out
+
+
+def _greedy(n: int) -> dict:
+    """generate() options for exactly n new greedy tokens. A folder's generation_config.json may ask for sampling
+    or a repetition penalty; the peer decodes plain greedy, as thrifty does."""
+    return {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "repetition_penalty": 1.0,
+            "pad_token_id": PAD_ID}
+
+
 def generate_one(model, prompt_ids: list[int], n: int) -> tuple[float, float, int]:
     """(seconds to the first new token, total seconds, new tokens) for one greedy generate call."""
     ids = torch.tensor([prompt_ids])
     streamer = _FirstToken()
     start = time.monotonic()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0, streamer=streamer)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **_greedy(n))
     total = time.monotonic() - start
     first = (streamer.first - start) if streamer.first is not None else total
     return first, total, out.shape[1] - len(prompt_ids)
+
+
+def generate_batch(model, prompts: list[list[int]], n: int) -> tuple[float, int]:
+    """(seconds, new tokens) for one greedy generate call over the static batch `prompts`, padded on the left
+    (new tokens follow each prompt directly), on the model's device."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    _sync(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, **_greedy(n))
+    _sync(model.device)
+    return time.perf_counter() - start, out[:, width:].numel()
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(model, requests: list[BenchRequest], progress: bool = True) -> list[tuple[float, float, int]]:
