@@ -25,7 +25,9 @@ def run_equality(model: str, method: str = "ngram", prompts: int = 164, max_toke
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs, walls, accepted = {}, {}, 0
     for name in ("off", method):
-        spec = None if name == "off" else {"method": method, "draft_model": draft, "disable_by_batch_size": batch + 1}
+        # the draft alone (no n-gram first): its model then drafts for every request in every step
+        spec = None if name == "off" else {"method": method, "draft_model": draft, "disable_by_batch_size": batch + 1,
+                                           **({"ngram_first": False} if method == "draft" else {})}
         engine = LLMEngine(loaded, EngineConfig(dtype=dtype, weights=weights, kv_cache_memory=0.5,
                                                 max_num_seqs=batch, speculative=spec))
         start = time.perf_counter()
