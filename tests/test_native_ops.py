@@ -31,6 +31,34 @@ def test_rms_norm(dtype, tol, d, offset):
     assert rel(native.rms_norm(x, norm.weight, 1e-6, offset), norm.reference(x)) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,d,offset", [(1, 896, 0.0), (7, 100, 0.0), (3, 64, 1.0)])
+def test_add_rms_norm_is_the_add_then_the_norm_bit_for_bit(dtype, t, d, offset):
+    """The residual holds exactly torch's rounded sum, and the norm equals the native norm of that sum."""
+    g = _gen()
+    norm = RMSNorm(d, 1e-6, offset)
+    norm.weight.data = torch.randn(d, generator=g).to(dtype)
+    h, residual = (torch.randn(t, d, generator=g).to(dtype) * 3 for _ in range(2))
+    want_sum = residual + h
+    out = native.add_rms_norm_(h, residual, norm.weight, 1e-6, offset)
+    assert torch.equal(residual, want_sum)
+    assert torch.equal(out, native.rms_norm(want_sum, norm.weight, 1e-6, offset))
+    assert rel(out, norm.reference(want_sum)) < (2e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_add_forward_falls_back_to_torch_the_same(monkeypatch):
+    g = _gen()
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64, generator=g)
+    h, residual = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+    fast_residual, slow_residual = residual.clone(), residual.clone()
+    fast = norm.add_forward(h, fast_residual)
+    monkeypatch.setattr(native, "runs", lambda t: False)
+    slow = norm.add_forward(h, slow_residual)
+    assert torch.equal(fast_residual, slow_residual)
+    assert rel(fast, slow) < 2e-6
+
+
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("t,d", [(1, 64), (7, 64), (3, 24)])
 def test_rope_in_place_on_views(dtype, tol, t, d):
@@ -111,3 +139,5 @@ def test_bad_inputs_are_errors_not_crashes():
         native.act_mul(torch.zeros(2, 8, dtype=torch.float64), False)
     with pytest.raises(RuntimeError, match="wrong size"):
         native.rms_norm(torch.zeros(2, 8), torch.ones(7), 1e-6, 0.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        native.add_rms_norm_(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6, 0.0)

@@ -23,6 +23,13 @@ class RMSNorm(nn.Module):
             return native.rms_norm(x, self.weight, self.eps, self.offset)
         return self.reference(x)
 
+    def add_forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += h (in place: the residual stream), then the norm of it; one native call where it runs."""
+        if h.dim() == 2 and h.is_contiguous() and residual.is_contiguous() and h.dtype == residual.dtype \
+                and native.runs(h):
+            return native.add_rms_norm_(h, residual, self.weight, self.eps, self.offset)
+        return self(residual.add_(h))
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()

@@ -7,7 +7,7 @@ microseconds each (norms, rotary, attention over the paged cache, activations). 
 - `qgemv`: x W^T for up to ~32 rows with 4- or 8-bit group-quantized weights. The activations are quantized
   to int8 per 32 values (as llama.cpp does), so it serves bf16 compute; float32 compute keeps exact kernels.
   Its inner loop is AVX2 `maddubs`, or AVX512-VNNI `vpdpbusd` where the CPU has it (THRIFTY_QGEMV).
-- `rms_norm`, `rope_`, `act_mul`: one call each for what takes 4-10 torch ops.
+- `rms_norm`, `add_rms_norm_`, `rope_`, `act_mul`: one call each for what takes 2-10 torch ops.
 - `decode_attention`, `kv_write_`: paged attention for one-token queries straight from the KV blocks, float or
   int8 / fp8 with per-row scales (ops/kv_quant.py), dequantized in registers.
 The torch code each one replaces stays beside its call site as the reference and the fallback.
@@ -164,6 +164,12 @@ def supports(k: int, group: int) -> bool:
 # ---- fused decoder-layer ops (references: thrifty.models.layers) -----------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     return torch.ops.thrifty.rms_norm(x, weight, eps, offset)
+
+
+def add_rms_norm_(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                  offset: float = 0.0) -> torch.Tensor:
+    """residual += h in place, then rms_norm(residual): a decoder layer's residual add and next norm, one call."""
+    return torch.ops.thrifty.add_rms_norm_(h, residual, weight, eps, offset)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 // small torch ops whose per-call overhead dominates a decode step on a CPU. References: models/layers.py.
 //
 //   rms_norm(x, w, eps, offset)              x / rms(x) * (w + offset)
+//   add_rms_norm_(h, residual, w, eps, offset)   residual += h (rounded to its dtype), then rms_norm(residual)
 //   rope_(q, k, cos, sin)                    neox rotary on [T, heads, D] views, in place
 //   act_mul(gate_up, gelu)                   silu(gate) * up, or gelu_tanh(gate) * up (gate | up halves)
 #include "vec.h"
@@ -45,6 +46,37 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
       at::parallel_for(0, t, 16, [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r)
           norm_row(xp + r * d, op + r * d, wp, static_cast<float>(offset), d, static_cast<float>(eps));
+      });
+    });
+  });
+  return out;
+}
+
+// A decoder layer's residual add and the next norm in one pass over the row: the sum is stored (rounded, as
+// torch's add) before the norm reads it, so the result is bit for bit `rms_norm(residual + h)`.
+at::Tensor add_rms_norm_(const at::Tensor& h, at::Tensor residual, const at::Tensor& w, double eps, double offset) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && residual.is_contiguous() && h.sizes() == residual.sizes() &&
+                  h.scalar_type() == residual.scalar_type(),
+              "thrifty add_rms_norm_: h and residual must be contiguous [T, D] tensors of one dtype");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == h.size(1) && w.is_contiguous(), "thrifty add_rms_norm_: weight of the wrong size");
+  at::Tensor out = at::empty_like(h);
+  const int64_t t = h.size(0), d = h.size(1);
+  THRIFTY_DISPATCH(h.scalar_type(), "add_rms_norm_", [&] {
+    using T = scalar_t;
+    THRIFTY_DISPATCH(w.scalar_type(), "add_rms_norm_ weight", [&] {
+      const T* hp = h.data_ptr<T>();
+      T* rp = residual.data_ptr<T>();
+      T* op = out.data_ptr<T>();
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      at::parallel_for(0, t, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          T* row = rp + r * d;
+          const T* add = hp + r * d;
+          int64_t i = 0;
+          for (; i + 8 <= d; i += 8) store8(row + i, _mm256_add_ps(load8(row + i), load8(add + i)));
+          for (; i < d; ++i) row[i] = static_cast<T>(to_float(row[i]) + to_float(add[i]));
+          norm_row(row, op + r * d, wp, static_cast<float>(offset), d, static_cast<float>(eps));
+        }
       });
     });
   });
@@ -139,12 +171,14 @@ at::Tensor act_mul(const at::Tensor& gu, bool gelu) {
 
 TORCH_LIBRARY_FRAGMENT(thrifty, lib) {
   lib.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
+  lib.def("add_rms_norm_(Tensor h, Tensor(a!) residual, Tensor w, float eps, float offset) -> Tensor");
   lib.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   lib.def("act_mul(Tensor gate_up, bool gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(thrifty, CPU, lib) {
   lib.impl("rms_norm", TORCH_FN(thrifty::rms_norm));
+  lib.impl("add_rms_norm_", TORCH_FN(thrifty::add_rms_norm_));
   lib.impl("rope_", TORCH_FN(thrifty::rope_));
   lib.impl("act_mul", TORCH_FN(thrifty::act_mul));
 }
