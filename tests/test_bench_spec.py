@@ -26,6 +26,16 @@ def test_bench_spec_with_a_draft(long_context_tiny):
     assert "cost ratio" in format_report(report)
 
 
+def test_bench_spec_draft_with_ngram_first(long_context_tiny):
+    """draft+ngram, method draft's default (n-gram lookup first): plain decoding's output, drafts proposed."""
+    cfg = SpecBenchConfig(model=long_context_tiny, draft=long_context_tiny, workloads=["code-edit"], batch=[1],
+                          requests=1, output_len=12, dtype="float32", kv_cache_memory=0.02, progress=False,
+                          methods=["off", "draft+ngram"])
+    rows = {r["method"]: r for r in run_spec(cfg)["results"]}
+    assert rows["draft+ngram"]["identical"] and rows["draft+ngram"]["num_draft_tokens"] > 0
+    assert "bound" not in rows["draft+ngram"]          # the bound is the draft model's alone
+
+
 def test_bench_spec_methods_are_checked(long_context_tiny):
     with pytest.raises(ThriftyError, match="needs a draft"):
         SpecBenchConfig(model=long_context_tiny, methods=["off", "draft"])
