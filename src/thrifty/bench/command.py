@@ -108,8 +108,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                   "(e.g. qwen2.5-coder-0.5b-instruct)")
     sp.add_argument("--draft-weights", default=None, help="the draft's weight format (default: --weights)")
     sp.add_argument("--methods", type=_name_list, default=None,
-                    help="e.g. off,draft (default: off, ngram, and draft when --draft is given); draft+ngram: n-gram lookup first, "
-                         "the draft where it finds nothing")
+                    help="e.g. off,draft (default: off, ngram, and draft when --draft is given); draft+ngram: "
+                         "n-gram lookup first, the draft where it finds nothing")
     sp.add_argument("--llamacpp", action="store_true",
                     help="also run llama.cpp's llama-server with its own speculation (same GGUFs, prompts, methods)")
 

@@ -36,6 +36,7 @@ WORKLOADS = ("chat", "code-edit", "summarize")
 # draft: the draft model alone (ngram_first off); draft+ngram: the engine's default for method draft, the lookup
 # proposing where it finds a match and the draft elsewhere
 METHODS = ("off", "ngram", "draft", "draft+ngram")
+PEER_METHODS = ("off", "ngram", "draft")     # what llama-server runs (it has no draft+ngram)
 
 
 def uses_draft(method: str) -> bool:
@@ -214,7 +215,7 @@ def _llamacpp_rows(cfg: SpecBenchConfig, cells: list) -> list[dict]:
 
     by_method = [run_method(cfg.model, cfg.draft, m, cells, cfg.num_tokens, cfg.output_len, cfg.threads,
                             cfg.ngram_max)
-                 for m in tqdm([m for m in cfg.methods if m in METHODS[:3]], desc="llama-server",  # no draft+ngram there
+                 for m in tqdm([m for m in cfg.methods if m in PEER_METHODS], desc="llama-server",
                                disable=not cfg.progress)]
     return [row for cell_rows in zip(*by_method) for row in _against_plain(list(cell_rows))]
 

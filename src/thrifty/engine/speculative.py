@@ -294,8 +294,8 @@ def verify_sequences(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence
 class Speculator:
     """Decides, before each step, which running requests propose and how many tokens, asks the proposer, and
     books each verification. Adaptive: a request proposes one token more after a fully kept draft and one
-    more than it got kept after a rejection (next_num_tokens); the whole step goes without speculation when the batch is large
-    (verifying k+1 tokens of many requests costs more than the steps it saves on a CPU)."""
+    more than it got kept after a rejection (next_num_tokens); the whole step goes without speculation when the
+    batch is large (verifying k+1 tokens of many requests costs more than the steps it saves on a CPU)."""
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
         self.config = config
