@@ -32,55 +32,48 @@ void norm_row(const T* x, T* out, const W* w, float offset, int64_t d, float eps
   for (; i < d; ++i) out[i] = static_cast<T>(to_float(x[i]) * inv * (to_float(w[i]) + offset));
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "thrifty rms_norm: x must be a contiguous [T, D] tensor");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "thrifty rms_norm: weight of the wrong size");
+// Row r of out = the norm of x's row r; with `add`, x's row is first increased by add's row in place (stored
+// rounded, as torch's add, before the norm reads it: bit for bit `rms_norm(x + add)`, x holding the sum).
+at::Tensor norm_rows(const char* name, at::Tensor x, const at::Tensor* add, const at::Tensor& w, double eps,
+                     double offset) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": x must be a contiguous [T, D] tensor");
+  TORCH_CHECK(add == nullptr || (add->is_contiguous() && add->sizes() == x.sizes() &&
+                                 add->scalar_type() == x.scalar_type()),
+              name, ": h and residual must be contiguous [T, D] tensors of one dtype");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), name, ": weight of the wrong size");
   at::Tensor out = at::empty_like(x);
   const int64_t t = x.size(0), d = x.size(1);
-  THRIFTY_DISPATCH(x.scalar_type(), "rms_norm", [&] {
+  THRIFTY_DISPATCH(x.scalar_type(), "thrifty rms_norm", [&] {
     using T = scalar_t;
-    THRIFTY_DISPATCH(w.scalar_type(), "rms_norm weight", [&] {
-      const T* xp = x.data_ptr<T>();
-      T* op = out.data_ptr<T>();
-      const scalar_t* wp = w.data_ptr<scalar_t>();
-      at::parallel_for(0, t, 16, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r)
-          norm_row(xp + r * d, op + r * d, wp, static_cast<float>(offset), d, static_cast<float>(eps));
-      });
-    });
-  });
-  return out;
-}
-
-// A decoder layer's residual add and the next norm in one pass over the row: the sum is stored (rounded, as
-// torch's add) before the norm reads it, so the result is bit for bit `rms_norm(residual + h)`.
-at::Tensor add_rms_norm_(const at::Tensor& h, at::Tensor residual, const at::Tensor& w, double eps, double offset) {
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && residual.is_contiguous() && h.sizes() == residual.sizes() &&
-                  h.scalar_type() == residual.scalar_type(),
-              "thrifty add_rms_norm_: h and residual must be contiguous [T, D] tensors of one dtype");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == h.size(1) && w.is_contiguous(), "thrifty add_rms_norm_: weight of the wrong size");
-  at::Tensor out = at::empty_like(h);
-  const int64_t t = h.size(0), d = h.size(1);
-  THRIFTY_DISPATCH(h.scalar_type(), "add_rms_norm_", [&] {
-    using T = scalar_t;
-    THRIFTY_DISPATCH(w.scalar_type(), "add_rms_norm_ weight", [&] {
-      const T* hp = h.data_ptr<T>();
-      T* rp = residual.data_ptr<T>();
+    THRIFTY_DISPATCH(w.scalar_type(), "thrifty rms_norm weight", [&] {
+      T* xp = x.data_ptr<T>();
+      const T* ap = add == nullptr ? nullptr : add->data_ptr<T>();
       T* op = out.data_ptr<T>();
       const scalar_t* wp = w.data_ptr<scalar_t>();
       at::parallel_for(0, t, 16, [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
-          T* row = rp + r * d;
-          const T* add = hp + r * d;
-          int64_t i = 0;
-          for (; i + 8 <= d; i += 8) store8(row + i, _mm256_add_ps(load8(row + i), load8(add + i)));
-          for (; i < d; ++i) row[i] = static_cast<T>(to_float(row[i]) + to_float(add[i]));
+          T* row = xp + r * d;
+          if (ap != nullptr) {
+            const T* a = ap + r * d;
+            int64_t i = 0;
+            for (; i + 8 <= d; i += 8) store8(row + i, _mm256_add_ps(load8(row + i), load8(a + i)));
+            for (; i < d; ++i) row[i] = static_cast<T>(to_float(row[i]) + to_float(a[i]));
+          }
           norm_row(row, op + r * d, wp, static_cast<float>(offset), d, static_cast<float>(eps));
         }
       });
     });
   });
   return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
+  return norm_rows("thrifty rms_norm", x, nullptr, w, eps, offset);
+}
+
+// A decoder layer's residual add and the next norm in one pass over the row.
+at::Tensor add_rms_norm_(const at::Tensor& h, at::Tensor residual, const at::Tensor& w, double eps, double offset) {
+  return norm_rows("thrifty add_rms_norm_", residual, &h, w, eps, offset);
 }
 
 // x [T, H, D] with any row (token) and head strides, last dim contiguous; cos / sin [T, D] float-like.
