@@ -16,8 +16,7 @@ from thrifty.engine.sampling import Sampler, SamplerOutput, SamplingParams, make
 from thrifty.engine.scheduler import Scheduler, SchedulerConfig
 from thrifty.engine.sequence import FinishReason, Logprob, Sequence, Status
 from thrifty.engine.draft_proposer import DraftModelProposer, check_same_vocabulary
-from thrifty.engine.speculative import (DISABLE_BY_BATCH_SIZE, NgramFirstProposer, NgramProposer, SpeculativeConfig,
-                                       Speculator)
+from thrifty.engine.speculative import NgramFirstProposer, NgramProposer, SpeculativeConfig, Speculator
 from thrifty.engine.prefill_rate import PrefillRate
 from thrifty.engine.step_timing import StepTiming, Stopwatch
 from thrifty.errors import InvalidRequestError
@@ -388,8 +387,7 @@ def _speculator(config: EngineConfig, loaded: LoadedModel, kv_spec: KVCacheSpec,
         return Speculator(spec)
     proposer = _draft_proposer(config, loaded, kv_spec, sampler, draft)
     if spec.ngram_first:
-        proposer = NgramFirstProposer(NgramProposer(spec.ngram_min, spec.ngram_max), proposer,
-                                      DISABLE_BY_BATCH_SIZE["draft"])
+        proposer = NgramFirstProposer(NgramProposer(spec.ngram_min, spec.ngram_max), proposer)
     return Speculator(spec, proposer)
 
 

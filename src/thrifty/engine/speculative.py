@@ -170,7 +170,7 @@ class NgramFirstProposer:
     the tokens it skipped in its next forward (DraftModelProposer keeps it in step)."""
     ngram: NgramProposer
     draft: Proposer
-    draft_batch_limit: int = 2      # the draft model only in steps with fewer requests (DISABLE_BY_BATCH_SIZE)
+    draft_batch_limit: int = DISABLE_BY_BATCH_SIZE["draft"]   # the draft model only in steps with fewer requests
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
         out = self.ngram.propose(seqs, num_tokens)
